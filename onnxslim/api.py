@@ -1,0 +1,293 @@
+"""Python API; the CLI is a thin layer over these functions.
+
+    model, report = onnxslim.optimize("in.onnx", "out.onnx", passes="lossless")
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+from onnx import ModelProto
+
+from onnxslim.errors import GateError, InputError, PassError
+from onnxslim.manager import Context, PassManager, load_passes, parse_pipeline
+from onnxslim.model import PROTO_LIMIT, Model, check_output_path, load_model, save_model
+from onnxslim.report import Report, model_summary
+from onnxslim.validate import (DEFAULT_ATOL, DEFAULT_MAX_ACC_DROP, DEFAULT_MIN_COSINE, DEFAULT_RTOL,
+                               NotValidatable, ValidationResult, compare_models, load_inputs, make_inputs,
+                               static_batch)
+
+LATENCY_BATCHES = (1, 64)
+
+
+def _validation_data(m: Model, ctx: Context, inputs: str | os.PathLike | dict | None,
+                     lossy: bool) -> tuple[dict[str, np.ndarray] | None, np.ndarray | None, str]:
+    """Inputs for the final comparison: the user's, else calibration data for lossy runs, else random."""
+    if isinstance(inputs, dict):
+        return {k: np.asarray(v) for k, v in inputs.items() if k != "labels"}, inputs.get("labels"), "given"
+    if inputs is not None:
+        feeds, labels = load_inputs(inputs, m.proto)
+        return feeds, labels, str(inputs)
+    if lossy and ctx.options.get("calib"):
+        calib = ctx.calibration(m.proto)
+        if calib is not None and calib.measured:
+            return calib.inputs, calib.labels, f"calibration data {calib.source}"
+    try:
+        return make_inputs(m.proto, ctx.input_shapes), None, "random"
+    except NotValidatable as e:
+        return None, None, str(e)
+
+
+def _compare(original: Model, optimized: ModelProto | Path, feeds: dict[str, np.ndarray], labels, *,
+             lossy: bool, atol: float, rtol: float, min_cosine: float, max_acc_drop: float,
+             custom_op_library: str | None) -> ValidationResult:
+    orig_src: ModelProto | Path = original.proto
+    if original.path is not None and original.proto.ByteSize() >= PROTO_LIMIT:
+        orig_src = original.path
+    chunk = static_batch(original.proto)
+    n = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 0
+    if chunk is None and lossy and n > 256:
+        chunk = 256
+    if chunk is not None and n and n % chunk:
+        chunk = None if n == 1 else chunk
+    if chunk is not None and n <= chunk:
+        chunk = None
+    return compare_models(orig_src, optimized, feeds, atol=atol, rtol=rtol, labels=labels, lossy=lossy,
+                          min_cosine=min_cosine, max_acc_drop=max_acc_drop, chunk=chunk,
+                          custom_op_library=custom_op_library)
+
+
+def measure_latency(original: ModelProto, optimized: ModelProto, input_shapes: dict[str, list[int]],
+                    batches: tuple[int, ...] = LATENCY_BATCHES) -> dict[str, Any]:
+    """Median one-thread latency of both models at each batch size, interleaved in one process."""
+    from onnxslim.runtime import compare_latency
+
+    out: dict[str, Any] = {}
+    fixed = static_batch(original)
+    for b in batches:
+        if fixed is not None and b != fixed:
+            continue
+        try:
+            feeds = make_inputs(original, input_shapes, batch=b, seed=1)
+            before, after = compare_latency([original, optimized], feeds, threads=1)
+        except Exception as e:  # noqa: BLE001 - latency is information, never a reason to fail
+            out[f"batch{b}"] = {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}
+            continue
+        out[f"batch{b}"] = {"before_ms": before, "after_ms": after, "ratio": after / before if before else None}
+    return out
+
+
+def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | None = None, *,
+             passes: str | list[str] | None = "lossless",
+             input_shapes: dict[str, list[int]] | None = None,
+             inputs: str | os.PathLike | dict | None = None,
+             validate: bool = True,
+             atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+             min_cosine: float | None = None, max_acc_drop: float | None = None,
+             check_each_pass: bool = False, force: bool = False,
+             latency: bool | None = None,
+             options: dict[str, Any] | None = None,
+             custom_op_library: str | None = None,
+             progress: Callable[[str], None] | None = None) -> tuple[ModelProto, Report]:
+    """Run a pipeline over a model, validate the result, and (if ``output``) write it atomically.
+
+    Returns the optimized ModelProto and the Report. Raises InputError for bad input, GateError when
+    the result misses its gate (nothing is written unless ``force``), PassError when a pass fails.
+    ``options`` carries pass settings by name (``prune_ratio``, ``calib``, ``quant_format`` ...).
+    """
+    t0 = time.perf_counter()
+    options = dict(options or {})
+    out_path = Path(output) if output is not None else None
+    if out_path is not None and not isinstance(model, ModelProto):
+        check_output_path(out_path, model)  # fail before any work
+    elif out_path is not None:
+        check_output_path(out_path)
+    m = load_model(model)
+    names = parse_pipeline(passes)
+    registry = load_passes()
+    lossy = any(not registry[n].lossless for n in names)
+    if min_cosine is None:
+        min_cosine = DEFAULT_MIN_COSINE
+    if max_acc_drop is None:
+        max_acc_drop = DEFAULT_MAX_ACC_DROP
+    options.setdefault("custom_op_library", custom_op_library)
+    ctx = Context(original=m, input_shapes=dict(input_shapes or {}), options=options,
+                  progress=progress or (lambda msg: None))
+    report = Report(input=str(m.path or "<ModelProto>"), output=str(out_path or ""), pipeline=names)
+    report.before = model_summary(m.proto, m.file_size or None)
+
+    feeds = labels = None
+    source = ""
+    if validate or check_each_pass:
+        feeds, labels, source = _validation_data(m, ctx, inputs, lossy)
+        ctx.inputs = feeds
+
+    verify = None
+    if check_each_pass:
+        verify = _make_verifier(m, ctx, feeds, atol, rtol, custom_op_library)
+
+    pm = PassManager(names, verify=verify)
+    try:
+        result = pm.run(m.proto, ctx)
+    finally:
+        report.passes = [r.to_dict() for r in pm.records]
+    report.stages = list(ctx.options.get("_stages", []))
+    report.extra.update(ctx.options.get("_report_extra", {}))
+
+    validation: ValidationResult | None = None
+    tmpdir = None
+    try:
+        candidate: ModelProto | Path = result
+        if result.ByteSize() >= PROTO_LIMIT:
+            # onnxruntime cannot take a >2 GB proto: validate from a file with external data.
+            tmpdir = tempfile.mkdtemp(prefix=".onnxslim-", dir=(out_path.parent if out_path else None))
+            candidate = save_model(result, Path(tmpdir) / "candidate.onnx", external_data=True)
+        if validate and feeds is not None:
+            ctx.progress("validating")
+            validation = _compare(m, candidate, feeds, labels, lossy=lossy, atol=atol, rtol=rtol,
+                                  min_cosine=min_cosine, max_acc_drop=max_acc_drop,
+                                  custom_op_library=custom_op_library)
+            report.validation = validation.to_dict()
+            report.validation["inputs"] = source
+        elif validate:
+            report.validation = ValidationResult(True, "", skipped=source).to_dict()
+            report.warnings.append(f"validation skipped: {source}")
+        else:
+            report.warnings.append("validation disabled (--no-validate): outputs were not compared")
+        if latency if latency is not None else lossy:
+            ctx.progress("measuring latency")
+            if isinstance(candidate, ModelProto):
+                report.latency = measure_latency(m.proto, result, ctx.input_shapes)
+        report.warnings.extend(ctx.warnings)
+        if validation is not None and not validation.passed:
+            if not force:
+                report.seconds = time.perf_counter() - t0
+                raise GateError(f"validation failed: {validation.reason}; nothing written (use --force to write anyway)",
+                                report)
+            report.warnings.append(f"validation failed but --force given: {validation.reason}")
+        gate_msg = ctx.options.get("_gate_failure")
+        if gate_msg:
+            if not force:
+                report.seconds = time.perf_counter() - t0
+                raise GateError(f"{gate_msg}; nothing written (use --force to write anyway)", report)
+            report.warnings.append(f"{gate_msg} (written because of --force)")
+        size = None
+        if out_path is not None:
+            ctx.progress("writing")
+            save_model(result, out_path, external_data=True if m.external_data or tmpdir else None)
+            report.written = True
+            size = _written_size(out_path)
+        report.after = model_summary(result, size)
+    finally:
+        if tmpdir:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    report.seconds = time.perf_counter() - t0
+    return result, report
+
+
+def _written_size(path: Path) -> int:
+    size = path.stat().st_size
+    m = onnx.load(str(path), load_external_data=False)
+    from onnxslim.model import _external_location, iter_tensors
+
+    files = {loc for t in iter_tensors(m) if (loc := _external_location(t))}
+    return size + sum((path.parent / f).stat().st_size for f in files if (path.parent / f).exists())
+
+
+def _make_verifier(original: Model, ctx: Context, feeds, atol: float, rtol: float,
+                   custom_op_library: str | None) -> Callable[[ModelProto, str], None]:
+    """After each pass: onnx.checker, then (for lossless passes) outputs vs the original."""
+    registry = load_passes()
+
+    def verify(model: ModelProto, pass_name: str) -> None:
+        try:
+            onnx.checker.check_model(model)
+        except Exception as e:  # noqa: BLE001
+            raise PassError(f"pass '{pass_name}' produced an invalid model: {str(e).splitlines()[0]}") from None
+        if feeds is None or not registry[pass_name].lossless or model.ByteSize() >= PROTO_LIMIT:
+            return
+        res = _compare(original, model, feeds, None, lossy=False, atol=atol, rtol=rtol,
+                       min_cosine=1.0, max_acc_drop=0.0, custom_op_library=custom_op_library)
+        if not res.passed:
+            raise PassError(f"pass '{pass_name}' changed the outputs (first pass to do so): {res.reason}")
+
+    return verify
+
+
+def inspect_model(model: str | os.PathLike | ModelProto) -> dict[str, Any]:
+    """Opsets, inputs/outputs, op histogram, parameters, size, subgraphs, custom domains, external data."""
+    from onnxslim.graph import DEFAULT_DOMAINS
+
+    m = load_model(model, check=False)
+    p = m.proto
+
+    def vi(v: onnx.ValueInfoProto) -> dict[str, Any]:
+        t = v.type
+        if t.HasField("tensor_type"):
+            dtype = onnx.TensorProto.DataType.Name(t.tensor_type.elem_type)
+            shape = ([d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.tensor_type.shape.dim]
+                     if t.tensor_type.HasField("shape") else None)
+        else:
+            dtype, shape = t.WhichOneof("value") or "unknown", None
+        return {"name": v.name, "dtype": dtype, "shape": shape}
+
+    subgraphs = 0
+
+    def walk(g: onnx.GraphProto) -> None:
+        nonlocal subgraphs
+        for n in g.node:
+            for a in n.attribute:
+                if a.HasField("g"):
+                    subgraphs += 1
+                    walk(a.g)
+                for sg in a.graphs:
+                    subgraphs += 1
+                    walk(sg)
+
+    walk(p.graph)
+    summary = model_summary(p, m.file_size or None)
+    inits = {t.name for t in p.graph.initializer}
+    return {
+        "path": str(m.path or ""),
+        "ir_version": p.ir_version,
+        "producer": f"{p.producer_name} {p.producer_version}".strip(),
+        "opsets": {(imp.domain or "ai.onnx"): imp.version for imp in p.opset_import},
+        "inputs": [vi(v) for v in p.graph.input if v.name not in inits],
+        "outputs": [vi(v) for v in p.graph.output],
+        "ops": summary["ops"],
+        "nodes": summary["nodes"],
+        "initializers": summary["initializers"],
+        "params": summary["params"],
+        "size": summary["size"],
+        "subgraphs": subgraphs,
+        "functions": len(p.functions),
+        "custom_domains": sorted({imp.domain for imp in p.opset_import if imp.domain not in DEFAULT_DOMAINS}),
+        "external_data": m.data_files,
+    }
+
+
+def validate_files(original: str | os.PathLike, optimized: str | os.PathLike, *,
+                   inputs: str | os.PathLike | None = None, input_shapes: dict[str, list[int]] | None = None,
+                   atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, lossy: bool = False,
+                   min_cosine: float = DEFAULT_MIN_COSINE, max_acc_drop: float = DEFAULT_MAX_ACC_DROP,
+                   custom_op_library: str | None = None) -> ValidationResult:
+    """The numeric comparison alone (``onnxslim validate``)."""
+    a = load_model(original)
+    b = load_model(optimized)
+    if inputs is not None:
+        feeds, labels = load_inputs(inputs, a.proto)
+    else:
+        try:
+            feeds, labels = make_inputs(a.proto, input_shapes or {}), None
+        except NotValidatable as e:
+            raise InputError(f"cannot build inputs: {e}; give --inputs") from None
+    b_src: ModelProto | Path = b.path if (b.path and b.proto.ByteSize() >= PROTO_LIMIT) else b.proto
+    return _compare(a, b_src, feeds, labels, lossy=lossy, atol=atol, rtol=rtol, min_cosine=min_cosine,
+                    max_acc_drop=max_acc_drop, custom_op_library=custom_op_library)

@@ -1,0 +1,168 @@
+"""Shared graph helpers: the one place that converts between ModelProto and onnx-graphsurgeon,
+plus the small queries every pass needs (constants, consumers, subgraph walking).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import ModelProto
+
+# onnx-graphsurgeon logs warnings for things we handle ourselves (e.g. unknown shapes).
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def to_gs(model: ModelProto) -> gs.Graph:
+    """Import a model as a graphsurgeon graph (weights stay lazy: no copy until a pass reads them)."""
+    return gs.import_onnx(model)
+
+
+def to_proto(graph: gs.Graph, template: ModelProto) -> ModelProto:
+    """Export ``graph`` and carry over every model-level field of ``template``.
+
+    graphsurgeon rebuilds the ModelProto from scratch; metadata, producer, doc strings,
+    IR version and opset imports of other domains would be lost without this.
+    """
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = template.ir_version
+    model.producer_name = template.producer_name
+    model.producer_version = template.producer_version
+    model.domain = template.domain
+    model.model_version = template.model_version
+    model.doc_string = template.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    model.graph.doc_string = template.graph.doc_string
+    model.graph.name = template.graph.name
+    # Opset imports: keep the template's (the model's contract); add any new domain a pass used.
+    have = {imp.domain: imp.version for imp in template.opset_import}
+    new = [imp for imp in model.opset_import if imp.domain not in have]
+    del model.opset_import[:]
+    model.opset_import.extend(template.opset_import)
+    model.opset_import.extend(new)
+    if not graph.functions and template.functions:
+        model.functions.extend(template.functions)
+    if len(template.training_info):
+        model.training_info.extend(template.training_info)
+    return model
+
+
+def opset_version(graph: gs.Graph, domain: str = "") -> int:
+    if domain in DEFAULT_DOMAINS:
+        return int(graph.opset)
+    return int(graph.import_domains and next((d.version for d in graph.import_domains if d.domain == domain), 1) or 1)
+
+
+def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """The graph and every nested subgraph (If/Loop/Scan bodies), depth first, plus function bodies."""
+    stack = [graph]
+    seen: set[int] = set()
+    while stack:
+        g = stack.pop()
+        if id(g) in seen:
+            continue
+        seen.add(id(g))
+        yield g
+        for node in g.nodes:
+            for attr in node.attrs.values():
+                if isinstance(attr, gs.Graph):
+                    stack.append(attr)
+                elif isinstance(attr, (list, tuple)):
+                    stack.extend(a for a in attr if isinstance(a, gs.Graph))
+        for fn in getattr(g, "functions", []) or []:
+            stack.append(fn)
+
+
+def has_subgraph(node: gs.Node) -> bool:
+    return any(isinstance(a, gs.Graph) or (isinstance(a, (list, tuple)) and any(isinstance(x, gs.Graph) for x in a))
+               for a in node.attrs.values())
+
+
+def is_default_domain(node: gs.Node) -> bool:
+    return (node.domain or "") in DEFAULT_DOMAINS
+
+
+def is_const(t: gs.Tensor) -> bool:
+    return isinstance(t, gs.Constant)
+
+
+def const_value(t: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant tensor (an initializer or a Constant node's output), else None."""
+    if isinstance(t, gs.Constant):
+        return t.values
+    if len(t.inputs) == 1 and t.inputs[0].op == "Constant" and is_default_domain(t.inputs[0]):
+        attrs = t.inputs[0].attrs
+        if "value" in attrs and isinstance(attrs["value"], gs.Constant):
+            return attrs["value"].values
+    return None
+
+
+def producer(t: gs.Tensor) -> gs.Node | None:
+    return t.inputs[0] if len(t.inputs) == 1 else None
+
+
+def consumers(t: gs.Tensor) -> list[gs.Node]:
+    return list(t.outputs)
+
+
+def is_graph_output(graph: gs.Graph, t: gs.Tensor) -> bool:
+    return any(o is t for o in graph.outputs)
+
+
+def outer_scope_names(graph: gs.Graph) -> set[str]:
+    """Names that nested subgraphs read from an enclosing scope: they must stay alive."""
+    names: set[str] = set()
+    for g in iter_graphs(graph):
+        if g is graph:
+            continue
+        local = {t.name for t in g.inputs} | {t.name for n in g.nodes for t in n.outputs}
+        for n in g.nodes:
+            for t in n.inputs:
+                if t.name and t.name not in local and not isinstance(t, gs.Constant):
+                    names.add(t.name)
+    return names
+
+
+def count_params(model: ModelProto) -> int:
+    """Number of elements in floating-point initializers (what people call parameters)."""
+    total = 0
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                   onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+    from onnxslim.model import iter_tensors
+
+    for t in iter_tensors(model):
+        if t.data_type in float_types:
+            n = 1
+            for d in t.dims:
+                n *= d
+            total += n
+    return total
+
+
+def op_histogram(model: ModelProto) -> dict[str, int]:
+    """Op type counts over the main graph and all subgraphs (custom domains prefixed)."""
+    hist: dict[str, int] = {}
+
+    def walk(g: onnx.GraphProto) -> None:
+        for n in g.node:
+            key = n.op_type if n.domain in DEFAULT_DOMAINS else f"{n.domain}.{n.op_type}"
+            hist[key] = hist.get(key, 0) + 1
+            for a in n.attribute:
+                if a.HasField("g"):
+                    walk(a.g)
+                for sg in a.graphs:
+                    walk(sg)
+
+    walk(model.graph)
+    return dict(sorted(hist.items()))
+
+
+def node_count(model: ModelProto) -> int:
+    return sum(op_histogram(model).values())

@@ -1,0 +1,170 @@
+"""The run report: one data structure; the CLI table and ``--json`` are views of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onnx import ModelProto
+
+from onnxslim.graph import count_params, op_histogram
+
+
+def model_summary(model: ModelProto, file_size: int | None = None) -> dict[str, Any]:
+    return {
+        "nodes": sum(op_histogram(model).values()),
+        "ops": op_histogram(model),
+        "initializers": len(model.graph.initializer),
+        "params": count_params(model),
+        "size": int(file_size) if file_size is not None else int(model.ByteSize()),
+    }
+
+
+@dataclass
+class Report:
+    input: str = ""
+    output: str = ""
+    pipeline: list[str] = field(default_factory=list)
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] = field(default_factory=dict)
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[dict[str, Any]] = field(default_factory=list)  # lossy stages: metrics after each
+    validation: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    written: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def write_json(self, path: str | os.PathLike) -> None:
+        from onnxslim.model import _fsync_write
+
+        tmp = Path(str(path) + ".tmp")
+        _fsync_write(tmp, [json.dumps(self.to_dict(), indent=2, default=_jsonable).encode()])
+        os.replace(tmp, path)
+
+
+def _jsonable(o: Any) -> Any:
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GB"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for j, r in enumerate(rows):
+        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def _ratio(b: float, a: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def format_report(r: Report) -> str:
+    """Before/after table, per-pass times, validation numbers."""
+    b, a = r.before, r.after
+    rows = [["", "before", "after", "ratio"]]
+    ops = sorted(set(b.get("ops", {})) | set(a.get("ops", {})))
+    for op in ops:
+        nb, na = b.get("ops", {}).get(op, 0), a.get("ops", {}).get(op, 0)
+        if nb != na:
+            rows.append([f"  {op}", str(nb), str(na), ""])
+    for key, label in (("nodes", "nodes"), ("initializers", "initializers"), ("params", "parameters")):
+        if key in b and key in a:
+            rows.append([label, f"{b[key]:,}", f"{a[key]:,}", _ratio(b[key], a[key])])
+    if "size" in b and "size" in a:
+        rows.append(["file size", human_bytes(b["size"]), human_bytes(a["size"]), _ratio(b["size"], a["size"])])
+    if r.latency:
+        for key, val in r.latency.items():
+            if isinstance(val, dict) and "before_ms" in val:
+                rows.append([f"latency {key}", f"{val['before_ms']:.3f} ms", f"{val['after_ms']:.3f} ms",
+                             _ratio(val["before_ms"], val["after_ms"])])
+    lines = [_table(rows)]
+    if r.passes:
+        agg: dict[str, dict[str, float]] = {}
+        for p in r.passes:
+            e = agg.setdefault(p["name"], {"seconds": 0.0, "runs": 0, "changed": 0, "nodes": 0})
+            e["seconds"] += p["seconds"]
+            e["runs"] += 1
+            e["changed"] += int(p["changed"])
+            e["nodes"] += p["before"].get("nodes", 0) - p["after"].get("nodes", 0)
+        prow = [["pass", "runs", "changed", "nodes removed", "time"]]
+        for name, e in agg.items():
+            prow.append([name, str(e["runs"]), str(e["changed"]), str(int(e["nodes"])), f"{e['seconds']:.3f} s"])
+        lines += ["", _table(prow)]
+    if r.stages:
+        srow = [["stage", "size", "params", "cosine", "accuracy", "latency b1"]]
+        for s in r.stages:
+            acc = s.get("accuracy")
+            lat = s.get("latency_ms")
+            srow.append([s["name"], human_bytes(s.get("size", 0)), f"{s.get('params', 0):,}",
+                         f"{s['cosine']:.4f}" if s.get("cosine") is not None else "-",
+                         f"{acc:.2f}%" if acc is not None else "-",
+                         f"{lat:.3f} ms" if lat is not None else "-"])
+        lines += ["", _table(srow)]
+    v = r.validation
+    if v:
+        lines.append("")
+        if v.get("skipped"):
+            lines.append(f"validation: skipped ({v['skipped']})")
+        else:
+            head = "validation: " + ("PASSED" if v["passed"] else f"FAILED: {v['reason']}")
+            lines.append(head + f" ({v['mode']}, {v['samples']} sample(s))")
+            vrow = [["output", "max abs", "max rel", "cosine", "top-1 agree"]]
+            for o in v["outputs"]:
+                vrow.append([o["name"], f"{o['max_abs']:.3g}", f"{o['max_rel']:.3g}", f"{o['cosine']:.6f}",
+                             f"{o['top1_agreement'] * 100:.1f}%" if o.get("top1_agreement") is not None else "-"])
+            lines.append(_table(vrow))
+            if v.get("accuracy_before") is not None:
+                lines.append(f"accuracy: {v['accuracy_before']:.2f}% -> {v['accuracy_after']:.2f}%")
+    for w in r.warnings:
+        lines.append(f"warning: {w}")
+    lines.append(f"total time: {r.seconds:.2f} s")
+    return "\n".join(lines)
+
+
+class Progress:
+    """A one-line status on stderr for work that takes more than a moment (only on a terminal)."""
+
+    def __init__(self, enabled: bool = True, min_seconds: float = 1.0) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self.min_seconds = min_seconds
+        self.shown = False
+
+    def __call__(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        if elapsed < self.min_seconds and not self.shown:
+            return
+        self.shown = True
+        sys.stderr.write(f"\r\x1b[K[{elapsed:6.1f}s] {msg}")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()

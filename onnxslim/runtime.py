@@ -1,0 +1,89 @@
+"""onnxruntime sessions (with onnxruntime-extensions' custom ops), running and timing models."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+from onnx import ModelProto
+
+from onnxslim.errors import InputError
+from onnxslim.model import PROTO_LIMIT
+
+ort.set_default_logger_severity(3)
+
+
+def _extensions_library() -> str | None:
+    try:
+        from onnxruntime_extensions import get_library_path
+
+        return get_library_path()
+    except Exception:  # noqa: BLE001 - extensions are optional at run time
+        return None
+
+
+def session_options(threads: int = 0, custom_op_library: str | None = None,
+                    level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = level
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    lib = _extensions_library()
+    if lib:
+        so.register_custom_ops_library(lib)
+    if custom_op_library:
+        so.register_custom_ops_library(custom_op_library)
+    return so
+
+
+def make_session(model: ModelProto | str | Path, threads: int = 0, custom_op_library: str | None = None,
+                 level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
+    """A CPU session. Models of 2 GB or more must be given as a path (protobuf's limit)."""
+    so = session_options(threads, custom_op_library, level)
+    if isinstance(model, ModelProto):
+        if model.ByteSize() >= PROTO_LIMIT:
+            raise InputError("model is over 2 GB: save it with external data and run it from its path")
+        src: bytes | str = model.SerializeToString()
+    else:
+        src = os.fspath(model)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def run(session: ort.InferenceSession, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+    feed = {i.name: inputs[i.name] for i in session.get_inputs() if i.name in inputs}
+    return session.run(names, feed)
+
+
+def latency_ms(session: ort.InferenceSession, inputs: dict[str, np.ndarray], *, runs: int = 30,
+               warmup: int = 3, max_seconds: float = 10.0) -> float:
+    """Median wall time of one run in milliseconds (bounded in total time)."""
+    feed = {i.name: inputs[i.name] for i in session.get_inputs() if i.name in inputs}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times: list[float] = []
+    start = time.perf_counter()
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > max_seconds and len(times) >= 5:
+            break
+    return float(np.median(times) * 1000.0)
+
+
+def compare_latency(models: Sequence[ModelProto | str | Path], inputs: dict[str, np.ndarray], *,
+                    threads: int = 1, runs: int = 30, rounds: int = 3) -> list[float]:
+    """Median latency of each model, measured interleaved in one process so ratios are fair on a noisy machine."""
+    sessions = [make_session(m, threads=threads) for m in models]
+    per_model: list[list[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for i, s in enumerate(sessions):
+            per_model[i].append(latency_ms(s, inputs, runs=max(3, runs // rounds), warmup=2))
+    return [float(np.median(v)) for v in per_model]

@@ -1,0 +1,297 @@
+"""Numeric validation: run the original and the optimized model on the same inputs and compare.
+
+Lossless pipelines are held to element-wise tolerances (atol/rtol); lossy ones to a gate on
+cosine similarity or, when labels exist, accuracy drop. The gate decides whether anything
+is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import ModelProto
+
+from onnxslim.errors import InputError
+
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-3
+DEFAULT_MIN_COSINE = 0.99
+DEFAULT_MAX_ACC_DROP = 1.0
+DEFAULT_DIM = 1  # value for a dynamic dimension nobody fixed
+
+
+class NotValidatable(Exception):
+    """Inputs cannot be built for this model (e.g. sequence-typed inputs); validation is skipped."""
+
+
+def graph_inputs(model: ModelProto) -> list[onnx.ValueInfoProto]:
+    """Real inputs: graph inputs that are not initializers (old IR versions list weights as inputs)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def input_specs(model: ModelProto) -> dict[str, tuple[np.dtype, list[int | str | None]]]:
+    specs = {}
+    for vi in graph_inputs(model):
+        tt = vi.type
+        if not tt.HasField("tensor_type"):
+            raise NotValidatable(f"input '{vi.name}' is not a tensor ({tt.WhichOneof('value')})")
+        elem = tt.tensor_type.elem_type
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
+        except (KeyError, TypeError, ValueError):
+            raise NotValidatable(f"input '{vi.name}' has element type {elem} that numpy cannot build") from None
+        if not tt.tensor_type.HasField("shape"):
+            raise NotValidatable(f"input '{vi.name}' has unknown rank; give --inputs")
+        dims: list[int | str | None] = []
+        for d in tt.tensor_type.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(d.dim_value)
+            elif d.HasField("dim_param"):
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        specs[vi.name] = (dtype, dims)
+    return specs
+
+
+def resolve_shape(name: str, dims: list[int | str | None], input_shapes: dict[str, list[int]],
+                  symbols: dict[str, int], batch: int | None = None) -> list[int]:
+    if name in input_shapes:
+        shape = list(input_shapes[name])
+        if len(shape) != len(dims):
+            raise InputError(f"--input-shape {name}: rank {len(shape)} but the model's input has rank {len(dims)}")
+        for given, d in zip(shape, dims):
+            if isinstance(d, int) and d > 0 and d != given:
+                raise InputError(f"--input-shape {name}: {shape} conflicts with the model's fixed shape {dims}")
+        for given, d in zip(shape, dims):
+            if isinstance(d, str):
+                symbols.setdefault(d, given)
+        return shape
+    out = []
+    for i, d in enumerate(dims):
+        if isinstance(d, int) and d > 0:
+            out.append(d)
+        elif isinstance(d, int) and d == 0:
+            out.append(0)
+        elif i == 0 and batch is not None:
+            out.append(batch)
+            if isinstance(d, str):
+                symbols.setdefault(d, batch)
+        elif isinstance(d, str):
+            out.append(symbols.setdefault(d, DEFAULT_DIM))
+        else:
+            out.append(DEFAULT_DIM)
+    return out
+
+
+def random_array(dtype: np.dtype, shape: list[int], rng: np.random.Generator) -> np.ndarray:
+    if dtype == np.bool_:
+        return rng.integers(0, 2, size=shape).astype(np.bool_)
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(size=shape).astype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        # Small non-negative values: safe as indices, ids and counts in most graphs.
+        return rng.integers(0, 4, size=shape).astype(dtype)
+    if np.issubdtype(dtype, np.complexfloating):
+        return (rng.standard_normal(size=shape) + 1j * rng.standard_normal(size=shape)).astype(dtype)
+    if dtype.kind in "OUS":
+        return np.full(shape, "a", dtype=object)
+    raise NotValidatable(f"cannot build random data of type {dtype}")
+
+
+def make_inputs(model: ModelProto, input_shapes: dict[str, list[int]] | None = None, *, seed: int = 0,
+                batch: int | None = None) -> dict[str, np.ndarray]:
+    """Deterministic random inputs following the model's input specs."""
+    rng = np.random.default_rng(seed)
+    symbols: dict[str, int] = {}
+    feeds = {}
+    shapes = input_shapes or {}
+    for name in shapes:
+        if name not in {vi.name for vi in graph_inputs(model)}:
+            raise InputError(f"--input-shape names '{name}', which is not an input of the model")
+    for name, (dtype, dims) in input_specs(model).items():
+        feeds[name] = random_array(dtype, resolve_shape(name, dims, shapes, symbols, batch), rng)
+    return feeds
+
+
+def load_inputs(path: str | Path, model: ModelProto) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Inputs from an .npz whose keys are input names; an optional ``labels`` key is returned apart."""
+    path = Path(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--inputs '{path}': cannot read as .npz ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    names = [vi.name for vi in graph_inputs(model)]
+    feeds = {k: data[k] for k in data.files if k != "labels"}
+    missing = [n for n in names if n not in feeds]
+    extra = [k for k in feeds if k not in names]
+    if missing or extra:
+        raise InputError(f"--inputs '{path}': keys {sorted(feeds)} do not match the model's inputs {names}")
+    labels = data["labels"] if "labels" in data.files else None
+    return feeds, labels
+
+
+@dataclass
+class OutputMetrics:
+    name: str
+    shape: list[int]
+    shape_optimized: list[int]
+    dtype: str
+    max_abs: float
+    max_rel: float
+    cosine: float
+    min_sample_cosine: float
+    top1_agreement: float | None
+    within_tolerance: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ValidationResult:
+    passed: bool
+    reason: str
+    outputs: list[OutputMetrics] = field(default_factory=list)
+    mode: str = "lossless"  # or "lossy"
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    samples: int = 0
+    skipped: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["outputs"] = [o.to_dict() for o in self.outputs]
+        return d
+
+    @property
+    def min_cosine(self) -> float:
+        return min((o.min_sample_cosine for o in self.outputs), default=1.0)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def output_metrics(name: str, a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> OutputMetrics:
+    a_arr, b_arr = np.asarray(a), np.asarray(b)
+    shape_ok = a_arr.shape == b_arr.shape
+    dtype_ok = a_arr.dtype == b_arr.dtype
+    if not shape_ok or a_arr.dtype.kind in "OUSV" or b_arr.dtype.kind in "OUSV":
+        equal = shape_ok and dtype_ok and bool(np.all(a_arr == b_arr))
+        return OutputMetrics(name, list(a_arr.shape), list(b_arr.shape), str(a_arr.dtype),
+                             0.0 if equal else float("inf"), 0.0 if equal else float("inf"),
+                             1.0 if equal else 0.0, 1.0 if equal else 0.0, None, equal)
+    af = a_arr.astype(np.float64).ravel()
+    bf = b_arr.astype(np.float64).ravel()
+    both_nan = np.isnan(af) & np.isnan(bf)
+    same_inf = np.isinf(af) & (af == bf)
+    ok_special = both_nan | same_inf
+    diff = np.where(ok_special, 0.0, np.abs(af - bf))
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    denom = np.abs(af)
+    rel = np.where(denom > 0, diff / np.where(denom > 0, denom, 1), np.where(diff > 0, np.inf, 0.0))
+    max_rel = float(rel.max()) if rel.size else 0.0
+    within = bool(dtype_ok and np.all(diff <= atol + rtol * np.where(np.isfinite(denom), denom, 0)))
+    fa, fb = np.nan_to_num(af, posinf=0, neginf=0), np.nan_to_num(bf, posinf=0, neginf=0)
+    cos = _cos(fa, fb)
+    min_sample = cos
+    top1 = None
+    if a_arr.ndim >= 2 and a_arr.shape[0] > 1 and a_arr.dtype.kind == "f":
+        ra = np.nan_to_num(a_arr.reshape(a_arr.shape[0], -1).astype(np.float64))
+        rb = np.nan_to_num(b_arr.reshape(b_arr.shape[0], -1).astype(np.float64))
+        per = [_cos(x, y) for x, y in zip(ra, rb)]
+        min_sample = float(min(per))
+        cos = float(np.mean(per))
+    if a_arr.ndim == 2 and a_arr.shape[-1] > 1 and a_arr.dtype.kind == "f":
+        top1 = float(np.mean(np.argmax(a_arr, -1) == np.argmax(b_arr, -1)))
+    return OutputMetrics(name, list(a_arr.shape), list(b_arr.shape), str(a_arr.dtype), max_abs, max_rel,
+                         cos, min_sample, top1, within)
+
+
+def accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy in percent of a score matrix [N, classes] against integer labels."""
+    scores = np.asarray(scores)
+    pred = np.argmax(scores.reshape(scores.shape[0], -1), axis=-1)
+    return float(np.mean(pred == np.asarray(labels).reshape(-1)) * 100.0)
+
+
+def run_model(model: ModelProto | str | Path, inputs: dict[str, np.ndarray], *, chunk: int | None = None,
+              custom_op_library: str | None = None) -> tuple[list[str], list[np.ndarray]]:
+    """Run in onnxruntime; when ``chunk`` is given, feed axis-0 slices of that size and concatenate."""
+    from onnxslim.runtime import make_session, run
+
+    sess = make_session(model, custom_op_library=custom_op_library)
+    names = [o.name for o in sess.get_outputs()]
+    if not chunk:
+        return names, run(sess, inputs)
+    n = next(iter(inputs.values())).shape[0]
+    parts: list[list[np.ndarray]] = []
+    for s in range(0, n, chunk):
+        parts.append(run(sess, {k: v[s:s + chunk] for k, v in inputs.items()}))
+    return names, [np.concatenate([p[i] for p in parts]) for i in range(len(names))]
+
+
+def static_batch(model: ModelProto) -> int | None:
+    """The fixed leading dimension shared by all inputs, if any (then data is fed in chunks of it)."""
+    sizes = set()
+    for _, (_, dims) in input_specs(model).items():
+        if dims and isinstance(dims[0], int) and dims[0] > 0:
+            sizes.add(dims[0])
+        else:
+            return None
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def compare_models(original: ModelProto | str | Path, optimized: ModelProto | str | Path,
+                   inputs: dict[str, np.ndarray], *, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+                   labels: np.ndarray | None = None, lossy: bool = False,
+                   min_cosine: float = DEFAULT_MIN_COSINE, max_acc_drop: float = DEFAULT_MAX_ACC_DROP,
+                   chunk: int | None = None, custom_op_library: str | None = None) -> ValidationResult:
+    """Run both models on ``inputs`` and judge the optimized one (see module doc)."""
+    names_a, outs_a = run_model(original, inputs, chunk=chunk, custom_op_library=custom_op_library)
+    names_b, outs_b = run_model(optimized, inputs, chunk=chunk, custom_op_library=custom_op_library)
+    n = next(iter(inputs.values())).shape[0] if inputs and next(iter(inputs.values())).ndim else 1
+    if names_a != names_b:
+        return ValidationResult(False, f"output names differ: {names_a} vs {names_b}", mode="lossy" if lossy else "lossless")
+    metrics = [output_metrics(nm, a, b, atol, rtol) for nm, a, b in zip(names_a, outs_a, outs_b)]
+    res = ValidationResult(True, "", metrics, mode="lossy" if lossy else "lossless", samples=int(n))
+    bad_shape = [m for m in metrics if m.shape != m.shape_optimized]
+    if bad_shape:
+        m = bad_shape[0]
+        res.passed, res.reason = False, f"output '{m.name}' has shape {m.shape_optimized}, expected {m.shape}"
+        return res
+    if labels is not None and outs_a:
+        res.accuracy_before = accuracy(outs_a[0], labels)
+        res.accuracy_after = accuracy(outs_b[0], labels)
+    if not lossy:
+        failing = [m for m in metrics if not m.within_tolerance]
+        if failing:
+            m = failing[0]
+            res.passed = False
+            res.reason = (f"output '{m.name}' differs: max abs error {m.max_abs:.3g}, max rel error {m.max_rel:.3g} "
+                          f"(atol {atol:g}, rtol {rtol:g})")
+        return res
+    if res.accuracy_before is not None:
+        drop = res.accuracy_before - res.accuracy_after
+        if drop > max_acc_drop:
+            res.passed = False
+            res.reason = (f"accuracy {res.accuracy_after:.2f}% vs {res.accuracy_before:.2f}% "
+                          f"(drop {drop:.2f} > max {max_acc_drop:g} points)")
+        return res
+    worst = min(metrics, key=lambda m: m.cosine)
+    if worst.cosine < min_cosine:
+        res.passed = False
+        res.reason = f"output '{worst.name}' cosine similarity {worst.cosine:.4f} < min {min_cosine:g}"
+    return res
