@@ -133,13 +133,16 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
     if check_each_pass:
         verify = _make_verifier(m, ctx, feeds, atol, rtol, custom_op_library)
 
-    pm = PassManager(names, verify=verify)
+    on_stage = None
+    if lossy:
+        report.stages.append(_stage_metrics(m, m.proto, "original", ctx, feeds, labels))
+        on_stage = lambda proto, name: report.stages.append(_stage_metrics(m, proto, name, ctx, feeds, labels))  # noqa: E731
+    pm = PassManager(names, verify=verify, on_stage=on_stage)
     try:
         result = pm.run(m.proto, ctx)
     finally:
         report.passes = [r.to_dict() for r in pm.records]
-    report.stages = list(ctx.options.get("_stages", []))
-    report.extra.update(ctx.options.get("_report_extra", {}))
+    report.extra.update(ctx.report_extra)
 
     validation: ValidationResult | None = None
     tmpdir = None
@@ -172,7 +175,7 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
                 raise GateError(f"validation failed: {validation.reason}; nothing written (use --force to write anyway)",
                                 report)
             report.warnings.append(f"validation failed but --force given: {validation.reason}")
-        gate_msg = ctx.options.get("_gate_failure")
+        gate_msg = "; ".join(ctx.gate_failures)
         if gate_msg:
             if not force:
                 report.seconds = time.perf_counter() - t0
@@ -190,6 +193,28 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
             shutil.rmtree(tmpdir, ignore_errors=True)
     report.seconds = time.perf_counter() - t0
     return result, report
+
+
+def _stage_metrics(original: Model, proto: ModelProto, name: str, ctx: Context, feeds, labels) -> dict[str, Any]:
+    """Size, parameters, cosine/accuracy vs the original and batch-1 latency after one lossy stage."""
+    from onnxslim.graph import count_params
+    from onnxslim.runtime import latency_ms, make_session
+
+    stage: dict[str, Any] = {"name": name, "size": proto.ByteSize(), "params": count_params(proto),
+                             "cosine": None, "accuracy": None, "latency_ms": None}
+    if proto.ByteSize() >= PROTO_LIMIT:
+        return stage
+    try:
+        if feeds is not None:
+            res = _compare(original, proto, feeds, labels, lossy=True, atol=0, rtol=0, min_cosine=0,
+                           max_acc_drop=100, custom_op_library=ctx.options.get("custom_op_library"))
+            stage["cosine"] = min((o.cosine for o in res.outputs), default=None)
+            stage["accuracy"] = res.accuracy_after
+        one = make_inputs(proto, ctx.input_shapes, batch=1, seed=1)
+        stage["latency_ms"] = latency_ms(make_session(proto, threads=1), one, runs=20)
+    except Exception as e:  # noqa: BLE001 - stage metrics inform; the final validation decides
+        stage["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return stage
 
 
 def _written_size(path: Path) -> int:

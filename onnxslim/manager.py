@@ -117,6 +117,11 @@ class Context:
     inputs: dict[str, np.ndarray] | None = None  # validation inputs, built once
     progress: Callable[[str], None] = lambda msg: None
     warnings: list[str] = field(default_factory=list)
+    # A lossy pass that misses its own gate (e.g. quantization slower than --min-speedup) says so here;
+    # the API then writes nothing unless --force.
+    gate_failures: list[str] = field(default_factory=list)
+    # Per-pass report sections (e.g. report.extra["prune"] = per-group channel counts).
+    report_extra: dict[str, Any] = field(default_factory=dict)
     _calibration: Any = None
 
     def option(self, key: str, default: Any = None) -> Any:
@@ -222,11 +227,13 @@ class PassManager:
     """Runs a pipeline of pass names over a model."""
 
     def __init__(self, names: list[str], *, max_rounds: int = MAX_ROUNDS,
-                 verify: Callable[[ModelProto, str], None] | None = None) -> None:
+                 verify: Callable[[ModelProto, str], None] | None = None,
+                 on_stage: Callable[[ModelProto, str], None] | None = None) -> None:
         registry = load_passes()
         self.passes = [registry[n]() for n in names]
         self.max_rounds = max_rounds
         self.verify = verify  # called after each pass that changed the model (check-each-pass)
+        self.on_stage = on_stage  # called after each lossy pass: per-stage metrics for the report
         self.records: list[PassRecord] = []
 
     def _groups(self) -> list[list[Pass]]:
@@ -277,6 +284,8 @@ class PassManager:
         self.records.append(rec)
         if result.changed and self.verify is not None:
             self.verify(ws.proto(), p.name)
+        if not p.lossless and self.on_stage is not None:
+            self.on_stage(ws.proto(), p.name)
         return rec
 
 
