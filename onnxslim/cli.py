@@ -200,8 +200,7 @@ def validate_cmd(original: str, optimized: str, inputs: str | None, input_shape:
     res = validate_files(original, optimized, inputs=inputs, input_shapes=_parse_shape(input_shape), atol=atol,
                          rtol=rtol, lossy=lossy, min_cosine=min_cosine, max_acc_drop=max_acc_drop,
                          custom_op_library=custom_op_library)
-    text = format_report(Report(validation=res.to_dict()))
-    click.echo("\n".join(text.splitlines()[:-1]).strip())
+    click.echo(format_report(Report(validation=res.to_dict()), totals=False))
     if json_path:
         with open(json_path, "w") as f:
             json.dump(res.to_dict(), f, indent=2)

@@ -82,7 +82,7 @@ def _ratio(b: float, a: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
 
-def format_report(r: Report) -> str:
+def format_report(r: Report, totals: bool = True) -> str:
     """Before/after table, per-pass times, validation numbers."""
     b, a = r.before, r.after
     rows = [["", "before", "after", "ratio"]]
@@ -101,7 +101,7 @@ def format_report(r: Report) -> str:
             if isinstance(val, dict) and "before_ms" in val:
                 rows.append([f"latency {key}", f"{val['before_ms']:.3f} ms", f"{val['after_ms']:.3f} ms",
                              _ratio(val["before_ms"], val["after_ms"])])
-    lines = [_table(rows)]
+    lines = [_table(rows)] if len(rows) > 1 else []
     if r.passes:
         agg: dict[str, dict[str, float]] = {}
         for p in r.passes:
@@ -126,7 +126,8 @@ def format_report(r: Report) -> str:
         lines += ["", _table(srow)]
     v = r.validation
     if v:
-        lines.append("")
+        if lines:
+            lines.append("")
         if v.get("skipped"):
             lines.append(f"validation: skipped ({v['skipped']})")
         else:
@@ -141,7 +142,8 @@ def format_report(r: Report) -> str:
                 lines.append(f"accuracy: {v['accuracy_before']:.2f}% -> {v['accuracy_after']:.2f}%")
     for w in r.warnings:
         lines.append(f"warning: {w}")
-    lines.append(f"total time: {r.seconds:.2f} s")
+    if totals:
+        lines.append(f"total time: {r.seconds:.2f} s")
     return "\n".join(lines)
 
 
