@@ -131,7 +131,7 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
 
     verify = None
     if check_each_pass:
-        verify = _make_verifier(m, ctx, feeds, atol, rtol, custom_op_library)
+        verify = _make_verifier(m, ctx, feeds, atol, rtol, custom_op_library, source)
 
     on_stage = None
     if lossy:
@@ -154,11 +154,15 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
             candidate = save_model(result, Path(tmpdir) / "candidate.onnx", external_data=True)
         if validate and feeds is not None:
             ctx.progress("validating")
-            validation = _compare(m, candidate, feeds, labels, lossy=lossy, atol=atol, rtol=rtol,
-                                  min_cosine=min_cosine, max_acc_drop=max_acc_drop,
-                                  custom_op_library=custom_op_library)
-            report.validation = validation.to_dict()
-            report.validation["inputs"] = source
+            validation, source = _compare_any(m, candidate, feeds, labels, source, lossy=lossy, atol=atol,
+                                              rtol=rtol, min_cosine=min_cosine, max_acc_drop=max_acc_drop,
+                                              custom_op_library=custom_op_library)
+            if validation is not None:
+                report.validation = validation.to_dict()
+                report.validation["inputs"] = source
+            else:
+                report.validation = ValidationResult(True, "", skipped=source).to_dict()
+                report.warnings.append(f"validation skipped: {source}")
         elif validate:
             report.validation = ValidationResult(True, "", skipped=source).to_dict()
             report.warnings.append(f"validation skipped: {source}")
@@ -195,6 +199,26 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
     return result, report
 
 
+def _ones_like(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: (np.ones_like(v) if v.dtype.kind in "biufc" else v) for k, v in feeds.items()}
+
+
+def _compare_any(original: Model, candidate: ModelProto | Path, feeds: dict[str, np.ndarray], labels, source: str,
+                 **kw: Any) -> tuple[ValidationResult | None, str]:
+    """Compare on ``feeds``; if the original itself fails on random inputs, retry on all-ones inputs
+    (random integers break ops that take indices, axes or divisors). ``None``: no usable inputs, and why."""
+    attempts = [(feeds, source)]
+    if source == "random":
+        attempts.append((_ones_like(feeds), "all-ones (the original fails on random inputs)"))
+    reason = source
+    for f, src in attempts:
+        try:
+            return _compare(original, candidate, f, labels, **kw), src
+        except NotValidatable as e:
+            reason = str(e)
+    return None, reason
+
+
 def _stage_metrics(original: Model, proto: ModelProto, name: str, ctx: Context, feeds, labels) -> dict[str, Any]:
     """Size, parameters, cosine/accuracy vs the original and batch-1 latency after one lossy stage."""
     from onnxslim.graph import count_params
@@ -227,7 +251,7 @@ def _written_size(path: Path) -> int:
 
 
 def _make_verifier(original: Model, ctx: Context, feeds, atol: float, rtol: float,
-                   custom_op_library: str | None) -> Callable[[ModelProto, str], None]:
+                   custom_op_library: str | None, source: str = "given") -> Callable[[ModelProto, str], None]:
     """After each pass: onnx.checker, then (for lossless passes) outputs vs the original."""
     registry = load_passes()
 
@@ -238,9 +262,9 @@ def _make_verifier(original: Model, ctx: Context, feeds, atol: float, rtol: floa
             raise PassError(f"pass '{pass_name}' produced an invalid model: {str(e).splitlines()[0]}") from None
         if feeds is None or not registry[pass_name].lossless or model.ByteSize() >= PROTO_LIMIT:
             return
-        res = _compare(original, model, feeds, None, lossy=False, atol=atol, rtol=rtol,
-                       min_cosine=1.0, max_acc_drop=0.0, custom_op_library=custom_op_library)
-        if not res.passed:
+        res, _ = _compare_any(original, model, feeds, None, source, lossy=False, atol=atol, rtol=rtol,
+                              min_cosine=1.0, max_acc_drop=0.0, custom_op_library=custom_op_library)
+        if res is not None and not res.passed:
             raise PassError(f"pass '{pass_name}' changed the outputs (first pass to do so): {res.reason}")
 
     return verify
@@ -314,5 +338,8 @@ def validate_files(original: str | os.PathLike, optimized: str | os.PathLike, *,
         except NotValidatable as e:
             raise InputError(f"cannot build inputs: {e}; give --inputs") from None
     b_src: ModelProto | Path = b.path if (b.path and b.proto.ByteSize() >= PROTO_LIMIT) else b.proto
-    return _compare(a, b_src, feeds, labels, lossy=lossy, atol=atol, rtol=rtol, min_cosine=min_cosine,
-                    max_acc_drop=max_acc_drop, custom_op_library=custom_op_library)
+    try:
+        return _compare(a, b_src, feeds, labels, lossy=lossy, atol=atol, rtol=rtol, min_cosine=min_cosine,
+                        max_acc_drop=max_acc_drop, custom_op_library=custom_op_library)
+    except NotValidatable as e:
+        raise InputError(f"cannot validate: {e}") from None

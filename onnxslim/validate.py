@@ -260,7 +260,13 @@ def compare_models(original: ModelProto | str | Path, optimized: ModelProto | st
                    min_cosine: float = DEFAULT_MIN_COSINE, max_acc_drop: float = DEFAULT_MAX_ACC_DROP,
                    chunk: int | None = None, custom_op_library: str | None = None) -> ValidationResult:
     """Run both models on ``inputs`` and judge the optimized one (see module doc)."""
-    names_a, outs_a = run_model(original, inputs, chunk=chunk, custom_op_library=custom_op_library)
+    try:
+        names_a, outs_a = run_model(original, inputs, chunk=chunk, custom_op_library=custom_op_library)
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the reference itself fails: nothing to compare against
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise NotValidatable(f"the original model does not run in onnxruntime on these inputs: {first[-200:]}") from None
     names_b, outs_b = run_model(optimized, inputs, chunk=chunk, custom_op_library=custom_op_library)
     n = next(iter(inputs.values())).shape[0] if inputs and next(iter(inputs.values())).ndim else 1
     if names_a != names_b:
