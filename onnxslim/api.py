@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -18,13 +19,32 @@ from onnx import ModelProto
 
 from onnxslim.errors import GateError, InputError, PassError
 from onnxslim.manager import Context, PassManager, load_passes, parse_pipeline
-from onnxslim.model import PROTO_LIMIT, Model, check_output_path, load_model, save_model
+from onnxslim import weights
+from onnxslim.model import (PROTO_LIMIT, Model, StagedModel, check_model, check_output_path, load_model,
+                            session_source, stage_model)
 from onnxslim.report import Report, model_summary
 from onnxslim.validate import (DEFAULT_ATOL, DEFAULT_MAX_ACC_DROP, DEFAULT_MIN_COSINE, DEFAULT_RTOL,
                                NotValidatable, ValidationResult, compare_models, load_inputs, make_inputs,
                                static_batch)
 
 LATENCY_BATCHES = (1, 64)
+
+
+@functools.lru_cache(maxsize=1)
+def _return_freed_memory() -> None:
+    """Make freed large blocks go back to the OS (glibc only; elsewhere nothing to do).
+
+    glibc raises its mmap threshold after each large free (up to 32 MB), so weights of the first
+    validation session stay in the heap and still count while the second session loads: peak
+    memory grows by a whole model. A fixed threshold keeps large blocks mmapped, returned on free.
+    """
+    try:
+        import ctypes
+
+        M_MMAP_THRESHOLD = -3
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 4 << 20)
+    except Exception:  # noqa: BLE001 - not glibc
+        pass
 
 
 def _validation_data(m: Model, ctx: Context, inputs: str | os.PathLike | dict | None,
@@ -48,9 +68,8 @@ def _validation_data(m: Model, ctx: Context, inputs: str | os.PathLike | dict | 
 def _compare(original: Model, optimized: ModelProto | Path, feeds: dict[str, np.ndarray], labels, *,
              lossy: bool, atol: float, rtol: float, min_cosine: float, max_acc_drop: float,
              custom_op_library: str | None) -> ValidationResult:
-    orig_src: ModelProto | Path = original.proto
-    if original.path is not None and original.proto.ByteSize() >= PROTO_LIMIT:
-        orig_src = original.path
+    # The original runs from its file when it has one: its proto may hold stubs (weights left on disk).
+    orig_src: ModelProto | Path = original.path if original.path is not None else original.proto
     chunk = static_batch(original.proto)
     n = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 0
     if chunk is None and lossy and n > 256:
@@ -65,8 +84,11 @@ def _compare(original: Model, optimized: ModelProto | Path, feeds: dict[str, np.
 
 
 def measure_latency(original: ModelProto, optimized: ModelProto, input_shapes: dict[str, list[int]],
-                    batches: tuple[int, ...] = LATENCY_BATCHES) -> dict[str, Any]:
-    """Median one-thread latency of both models at each batch size, interleaved in one process."""
+                    batches: tuple[int, ...] = LATENCY_BATCHES,
+                    sources: tuple[ModelProto | Path, ModelProto | Path] | None = None) -> dict[str, Any]:
+    """Median one-thread latency of both models at each batch size, interleaved in one process.
+
+    ``sources``: what onnxruntime loads (e.g. files) when the protos hold stubs."""
     from onnxslim.runtime import compare_latency
 
     out: dict[str, Any] = {}
@@ -76,7 +98,7 @@ def measure_latency(original: ModelProto, optimized: ModelProto, input_shapes: d
             continue
         try:
             feeds = make_inputs(original, input_shapes, batch=b, seed=1)
-            before, after = compare_latency([original, optimized], feeds, threads=1)
+            before, after = compare_latency(list(sources or (original, optimized)), feeds, threads=1)
         except Exception as e:  # noqa: BLE001 - latency is information, never a reason to fail
             out[f"batch{b}"] = {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}
             continue
@@ -95,29 +117,38 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
              latency: bool | None = None,
              options: dict[str, Any] | None = None,
              custom_op_library: str | None = None,
-             progress: Callable[[str], None] | None = None) -> tuple[ModelProto, Report]:
+             progress: Callable[[str], None] | None = None,
+             keep_model: bool = True) -> tuple[ModelProto | None, Report]:
     """Run a pipeline over a model, validate the result, and (if ``output``) write it atomically.
 
     Returns the optimized ModelProto and the Report. Raises InputError for bad input, GateError when
     the result misses its gate (nothing is written unless ``force``), PassError when a pass fails.
     ``options`` carries pass settings by name (``prune_ratio``, ``calib``, ``quant_format`` ...).
+    ``keep_model=False`` returns None instead of the model (the CLI: weights never need to be in memory).
     """
     t0 = time.perf_counter()
+    _return_freed_memory()
     options = dict(options or {})
     out_path = Path(output) if output is not None else None
     if out_path is not None and not isinstance(model, ModelProto):
         check_output_path(out_path, model)  # fail before any work
     elif out_path is not None:
         check_output_path(out_path)
-    m = load_model(model)
     names = parse_pipeline(passes)
     registry = load_passes()
     lossy = any(not registry[n].lossless for n in names)
+    # Lossless pipelines leave large weights on disk (onnxslim.weights): graph passes read them lazily
+    # and the save streams them, so memory stays near one copy of the model. Lossy passes may hand the
+    # proto to tools that need every byte (onnxruntime.quantization), so they get it loaded.
+    m = load_model(model, lazy=not lossy)
+    if out_path is not None and m.data_files:
+        check_output_path(out_path, m.path, m.data_paths())
     if min_cosine is None:
         min_cosine = DEFAULT_MIN_COSINE
     if max_acc_drop is None:
         max_acc_drop = DEFAULT_MAX_ACC_DROP
     options.setdefault("custom_op_library", custom_op_library)
+    options.update(min_cosine=min_cosine, max_acc_drop=max_acc_drop)  # lossy passes gate their own search
     ctx = Context(original=m, input_shapes=dict(input_shapes or {}), options=options,
                   progress=progress or (lambda msg: None))
     report = Report(input=str(m.path or "<ModelProto>"), output=str(out_path or ""), pipeline=names)
@@ -127,7 +158,7 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
     source = ""
     if validate or check_each_pass:
         feeds, labels, source = _validation_data(m, ctx, inputs, lossy)
-        ctx.inputs = feeds
+        ctx.inputs, ctx.labels = feeds, labels
 
     verify = None
     if check_each_pass:
@@ -146,12 +177,19 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
 
     validation: ValidationResult | None = None
     tmpdir = None
+    staged: StagedModel | None = None
     try:
         candidate: ModelProto | Path = result
-        if result.ByteSize() >= PROTO_LIMIT:
-            # onnxruntime cannot take a >2 GB proto: validate from a file with external data.
-            tmpdir = tempfile.mkdtemp(prefix=".onnxslim-", dir=(out_path.parent if out_path else None))
-            candidate = save_model(result, Path(tmpdir) / "candidate.onnx", external_data=True)
+        if out_path is not None or weights.has_stubs(result) or weights.logical_size(result) >= PROTO_LIMIT:
+            # Write first, into a private folder beside OUT, and validate that file: the check sees
+            # exactly the bytes that get committed, onnxruntime reads the weights from disk (a proto
+            # with stubs or over 2 GB cannot go to it in memory), and nothing is written twice.
+            ctx.progress("writing")
+            if out_path is None:
+                tmpdir = tempfile.mkdtemp(prefix="onnxslim-")
+            staged = stage_model(result, out_path or Path(tmpdir) / "candidate.onnx",
+                                 external_data=True if m.external_data else None)
+            candidate = staged.path
         if validate and feeds is not None:
             ctx.progress("validating")
             validation, source = _compare_any(m, candidate, feeds, labels, source, lossy=lossy, atol=atol,
@@ -170,8 +208,8 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
             report.warnings.append("validation disabled (--no-validate): outputs were not compared")
         if latency if latency is not None else lossy:
             ctx.progress("measuring latency")
-            if isinstance(candidate, ModelProto):
-                report.latency = measure_latency(m.proto, result, ctx.input_shapes)
+            report.latency = measure_latency(m.proto, result, ctx.input_shapes,
+                                             sources=(m.path or m.proto, candidate))
         report.warnings.extend(ctx.warnings)
         if validation is not None and not validation.passed:
             if not force:
@@ -185,18 +223,22 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
                 report.seconds = time.perf_counter() - t0
                 raise GateError(f"{gate_msg}; nothing written (use --force to write anyway)", report)
             report.warnings.append(f"{gate_msg} (written because of --force)")
-        size = None
+        size = staged.size() if staged is not None else None
         if out_path is not None:
-            ctx.progress("writing")
-            save_model(result, out_path, external_data=True if m.external_data or tmpdir else None)
+            staged.commit(protect=m.data_paths())  # never deletes the input's data files
             report.written = True
-            size = _written_size(out_path)
         report.after = model_summary(result, size)
+        if keep_model:
+            weights.materialize_all(result)  # the caller gets a complete model, not stubs
     finally:
+        if staged is not None:
+            staged.discard()
         if tmpdir:
             shutil.rmtree(tmpdir, ignore_errors=True)
+        if m is not model:
+            m.close()
     report.seconds = time.perf_counter() - t0
-    return result, report
+    return (result if keep_model else None), report
 
 
 def _ones_like(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -241,15 +283,6 @@ def _stage_metrics(original: Model, proto: ModelProto, name: str, ctx: Context, 
     return stage
 
 
-def _written_size(path: Path) -> int:
-    size = path.stat().st_size
-    m = onnx.load(str(path), load_external_data=False)
-    from onnxslim.model import _external_location, iter_tensors
-
-    files = {loc for t in iter_tensors(m) if (loc := _external_location(t))}
-    return size + sum((path.parent / f).stat().st_size for f in files if (path.parent / f).exists())
-
-
 def _make_verifier(original: Model, ctx: Context, feeds, atol: float, rtol: float,
                    custom_op_library: str | None, source: str = "given") -> Callable[[ModelProto, str], None]:
     """After each pass: onnx.checker, then (for lossless passes) outputs vs the original."""
@@ -257,13 +290,14 @@ def _make_verifier(original: Model, ctx: Context, feeds, atol: float, rtol: floa
 
     def verify(model: ModelProto, pass_name: str) -> None:
         try:
-            onnx.checker.check_model(model)
+            check_model(model)  # handles stubs (weights left on disk)
         except Exception as e:  # noqa: BLE001
             raise PassError(f"pass '{pass_name}' produced an invalid model: {str(e).splitlines()[0]}") from None
-        if feeds is None or not registry[pass_name].lossless or model.ByteSize() >= PROTO_LIMIT:
+        if feeds is None or not registry[pass_name].lossless:
             return
-        res, _ = _compare_any(original, model, feeds, None, source, lossy=False, atol=atol, rtol=rtol,
-                              min_cosine=1.0, max_acc_drop=0.0, custom_op_library=custom_op_library)
+        with session_source(model) as src:
+            res, _ = _compare_any(original, src, feeds, None, source, lossy=False, atol=atol, rtol=rtol,
+                                  min_cosine=1.0, max_acc_drop=0.0, custom_op_library=custom_op_library)
         if res is not None and not res.passed:
             raise PassError(f"pass '{pass_name}' changed the outputs (first pass to do so): {res.reason}")
 
@@ -274,7 +308,8 @@ def inspect_model(model: str | os.PathLike | ModelProto) -> dict[str, Any]:
     """Opsets, inputs/outputs, op histogram, parameters, size, subgraphs, custom domains, external data."""
     from onnxslim.graph import DEFAULT_DOMAINS
 
-    m = load_model(model, check=False)
+    m = load_model(model, check=False, lazy=True)  # weights stay on disk: inspecting reads only the structure
+    m.close()  # stubs keep dims and types, which is all that is shown
     p = m.proto
 
     def vi(v: onnx.ValueInfoProto) -> dict[str, Any]:
@@ -328,8 +363,10 @@ def validate_files(original: str | os.PathLike, optimized: str | os.PathLike, *,
                    min_cosine: float = DEFAULT_MIN_COSINE, max_acc_drop: float = DEFAULT_MAX_ACC_DROP,
                    custom_op_library: str | None = None) -> ValidationResult:
     """The numeric comparison alone (``onnxslim validate``)."""
-    a = load_model(original)
-    b = load_model(optimized)
+    a = load_model(original, lazy=True)  # onnxruntime reads the weights from the files
+    b = load_model(optimized, lazy=True)
+    a.close()
+    b.close()
     if inputs is not None:
         feeds, labels = load_inputs(inputs, a.proto)
     else:
@@ -337,7 +374,7 @@ def validate_files(original: str | os.PathLike, optimized: str | os.PathLike, *,
             feeds, labels = make_inputs(a.proto, input_shapes or {}), None
         except NotValidatable as e:
             raise InputError(f"cannot build inputs: {e}; give --inputs") from None
-    b_src: ModelProto | Path = b.path if (b.path and b.proto.ByteSize() >= PROTO_LIMIT) else b.proto
+    b_src: ModelProto | Path = b.path if b.path is not None else b.proto
     try:
         return _compare(a, b_src, feeds, labels, lossy=lossy, atol=atol, rtol=rtol, min_cosine=min_cosine,
                         max_acc_drop=max_acc_drop, custom_op_library=custom_op_library)

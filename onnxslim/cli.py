@@ -135,7 +135,7 @@ def optimize_cmd(input_path: str, output_path: str, passes: str, input_shape: tu
             validate=not no_validate, atol=atol, rtol=rtol, min_cosine=min_cosine, max_acc_drop=max_acc_drop,
             check_each_pass=check_each_pass, force=force, latency=latency,
             options={k: v for k, v in options.items() if v is not None},
-            custom_op_library=custom_op_library, progress=progress,
+            custom_op_library=custom_op_library, progress=progress, keep_model=False,
         )
     except GateError as e:
         progress.done()

@@ -5,12 +5,16 @@ plus the small queries every pass needs (constants, consumers, subgraph walking)
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Iterator
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import ModelProto
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from onnxslim import weights
 
 # onnx-graphsurgeon logs warnings for things we handle ourselves (e.g. unknown shapes).
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
@@ -19,9 +23,61 @@ logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
+class StoredValues(LazyValues):
+    """Values of a weight left on disk (onnxslim.weights), read only when a pass asks for them.
+
+    graphsurgeon exports a constant whose values are still lazy as its TensorProto, so an untouched
+    weight leaves as the small stub it came in as and is streamed from disk at save time. ``tensor``
+    is a fresh copy on each access because the exporter renames it in place and constants may share it.
+    Loaded values are a read-only memory map: a pass that wants to change them must make a new array.
+    """
+
+    def __init__(self, stub: onnx.TensorProto) -> None:
+        super().__init__(stub)
+        self._loaded: weakref.ref | None = None
+
+    @property
+    def tensor(self) -> onnx.TensorProto:
+        t = onnx.TensorProto()
+        t.CopyFrom(self._stub)
+        return t
+
+    @tensor.setter
+    def tensor(self, t: onnx.TensorProto) -> None:
+        self._stub = t
+
+    def load(self) -> np.ndarray:
+        arr = weights.stub_array(self._stub)
+        self._loaded = weakref.ref(arr)
+        return arr
+
+    def is_loaded_as(self, values: object) -> bool:
+        return self._loaded is not None and self._loaded() is values
+
+
+def _graph_constants(graph: gs.Graph) -> Iterator[gs.Constant]:
+    """Every Constant of the graph and its subgraphs/functions, including node attribute tensors."""
+    for g in iter_graphs(graph):
+        for t in g.tensors().values():
+            if isinstance(t, gs.Constant):
+                yield t
+        for n in g.nodes:
+            for a in n.attrs.values():
+                if isinstance(a, gs.Constant):
+                    yield a
+
+
 def to_gs(model: ModelProto) -> gs.Graph:
     """Import a model as a graphsurgeon graph (weights stay lazy: no copy until a pass reads them)."""
-    return gs.import_onnx(model)
+    graph = gs.import_onnx(model)
+    if weights.has_stubs(model):
+        for c in _graph_constants(graph):
+            if type(c._values) is LazyValues and weights.is_stub(c._values.tensor):
+                c._values = c._slim_stored = StoredValues(c._values.tensor)
+                # Where the data lives is decided at save time; a stale EXTERNAL here would be
+                # exported onto new values if a pass replaced them.
+                c.data_location = None
+    return graph
 
 
 def to_proto(graph: gs.Graph, template: ModelProto) -> ModelProto:
@@ -30,6 +86,11 @@ def to_proto(graph: gs.Graph, template: ModelProto) -> ModelProto:
     graphsurgeon rebuilds the ModelProto from scratch; metadata, producer, doc strings,
     IR version and opset imports of other domains would be lost without this.
     """
+    for c in _graph_constants(graph):
+        # A weight a pass only read (values loaded, same array) leaves as its stub again, not as a copy.
+        stored = getattr(c, "_slim_stored", None)
+        if stored is not None and c._values is not stored and stored.is_loaded_as(c._values):
+            c._values = stored
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = template.ir_version
     model.producer_name = template.producer_name
