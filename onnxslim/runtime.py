@@ -15,7 +15,7 @@ from onnx import ModelProto
 from onnxslim.errors import InputError
 from onnxslim.model import PROTO_LIMIT
 
-ort.set_default_logger_severity(3)
+ort.set_default_logger_severity(4)  # errors reach us as exceptions; C++ log lines would break "one line on stderr"
 
 
 @functools.lru_cache(maxsize=1)
@@ -40,7 +40,7 @@ def _extensions_library() -> str | None:
 def session_options(threads: int = 0, custom_op_library: str | None = None,
                     level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.SessionOptions:
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4
     so.graph_optimization_level = level
     if threads:
         so.intra_op_num_threads = threads

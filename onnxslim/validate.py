@@ -22,6 +22,7 @@ DEFAULT_RTOL = 1e-3
 DEFAULT_MIN_COSINE = 0.99
 DEFAULT_MAX_ACC_DROP = 1.0
 DEFAULT_DIM = 1  # value for a dynamic dimension nobody fixed
+MAX_INPUT_BYTES = 1 << 30  # random validation inputs larger than this are refused (NotValidatable)
 
 
 class NotValidatable(Exception):
@@ -115,7 +116,12 @@ def make_inputs(model: ModelProto, input_shapes: dict[str, list[int]] | None = N
         if name not in {vi.name for vi in graph_inputs(model)}:
             raise InputError(f"--input-shape names '{name}', which is not an input of the model")
     for name, (dtype, dims) in input_specs(model).items():
-        feeds[name] = random_array(dtype, resolve_shape(name, dims, shapes, symbols, batch), rng)
+        shape = resolve_shape(name, dims, shapes, symbols, batch)
+        if any(d < 0 for d in shape) or np.prod(shape, dtype=np.float64) * dtype.itemsize > MAX_INPUT_BYTES:
+            # A declared shape of billions of elements (hostile or mistaken) must not take the machine down.
+            raise NotValidatable(f"input '{name}' has shape {shape}, too large to build random data for; "
+                                 "give --inputs or --input-shape")
+        feeds[name] = random_array(dtype, shape, rng)
     return feeds
 
 
@@ -267,7 +273,14 @@ def compare_models(original: ModelProto | str | Path, optimized: ModelProto | st
     except Exception as e:  # noqa: BLE001 - the reference itself fails: nothing to compare against
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise NotValidatable(f"the original model does not run in onnxruntime on these inputs: {first[-200:]}") from None
-    names_b, outs_b = run_model(optimized, inputs, chunk=chunk, custom_op_library=custom_op_library)
+    try:
+        names_b, outs_b = run_model(optimized, inputs, chunk=chunk, custom_op_library=custom_op_library)
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the original runs and the result does not: a failed check, not a crash
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        return ValidationResult(False, f"the optimized model does not run in onnxruntime: {first[-200:]}",
+                                mode="lossy" if lossy else "lossless")
     n = next(iter(inputs.values())).shape[0] if inputs and next(iter(inputs.values())).ndim else 1
     if names_a != names_b:
         return ValidationResult(False, f"output names differ: {names_a} vs {names_b}", mode="lossy" if lossy else "lossless")
