@@ -57,7 +57,7 @@ GATE_OPTIONS = [
     click.option("--min-cosine", type=float, help="Lossy gate without labels: minimum mean cosine (default 0.99)."),
     click.option("--max-acc-drop", type=float, help="Lossy gate with labels: maximum accuracy drop in points (default 1.0)."),
     click.option("--min-top1", type=float, help="Lossy gate: minimum top-1 agreement with the original (0-1)."),
-    click.option("--min-speedup", type=float, help="Lossy gate: minimum batch-1 speedup over the original (default 1.0 for quantization)."),
+    click.option("--min-speedup", type=float, help="Quantization gate: minimum speedup over the float model (geometric mean of batch 1 and 64; default 1.0)."),
     click.option("--objective", type=click.Choice(["speed", "size"]), help="'size' turns the speed gate off."),
     click.option("--latency/--no-latency", default=None, help="Measure latency before/after (default: on for lossy pipelines)."),
 ]

@@ -115,6 +115,7 @@ class Context:
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, np.ndarray] | None = None  # validation inputs, built once
+    labels: np.ndarray | None = None  # class ids of ``inputs`` when known (accuracy gate)
     progress: Callable[[str], None] = lambda msg: None
     warnings: list[str] = field(default_factory=list)
     # A lossy pass that misses its own gate (e.g. quantization slower than --min-speedup) says so here;
@@ -141,7 +142,9 @@ class Context:
                 model if model is not None else self.original.proto,
                 size=self.options.get("calib_size"),
                 options=self.options,
+                input_shapes=self.input_shapes,
             )
+            self.warnings.extend(self._calibration.warnings)  # e.g. 'random' data: accuracy not measured
         if self._calibration is None and required:
             raise InputError("this pass needs calibration data: pass --calib FILE.npz (or a folder, or 'random')")
         return self._calibration
@@ -218,6 +221,7 @@ class _Workspace:
 
     def set_proto(self, proto: ModelProto) -> None:
         self._proto, self._graph = proto, None
+        self.template = proto  # a model-level pass may change opsets (e.g. quantization upgrades to 13)
 
     def stats(self) -> dict[str, int]:
         return graph_stats(self._graph) if self._graph is not None else proto_stats(self._proto)

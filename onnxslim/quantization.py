@@ -1,0 +1,903 @@
+"""Shared quantization machinery around onnxruntime.quantization (which does the arithmetic).
+
+onnxruntime's tool quantizes well but leaves four gaps that this module closes:
+
+- it needs a CalibrationDataReader: ``CalibReader`` adapts onnxslim's CalibrationData;
+- its pre-processing needs sympy and can crash; ``preprocess`` falls back step by step and says why;
+- per-channel QDQ below opset 13 writes ``DequantizeLinear(axis=...)``, invalid there: ``prepare`` upgrades
+  the model to opset 13 first;
+- it never checks that the result is faster or still accurate: ``QuantSearch`` times every candidate
+  against the float model (interleaved, batch 1 and a large batch), tries what can win when INT8 is
+  slower (float depthwise convs, per-tensor weights, the other activation type, compute ops only),
+  and moves the nodes that lose the most signal (SQNR from ``qdq_loss_debug``) back to float until
+  the accuracy gate passes.
+
+The passes (quantize-static, quantize-dynamic) only choose settings and call ``QuantSearch.run``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import platform
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import onnx
+from onnx import ModelProto, numpy_helper
+
+from onnxslim.calibration import CalibrationData
+from onnxslim.errors import InputError
+from onnxslim.validate import compare_models, make_inputs, static_batch
+
+PER_CHANNEL_MIN_OPSET = 13  # DequantizeLinear gained 'axis' in opset 13
+COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "LSTM")
+LATENCY_BATCHES = (1, 64)
+SEARCH_BUDGET = 8  # quantized candidates tried by the latency search
+FALLBACK_STEPS = 8  # accuracy fallback rounds
+DEBUG_SAMPLES = 32  # samples used to rank nodes by quantization error
+NOISE = 0.05  # relative latency noise: within this of a threshold, measure again
+
+
+# ------------------------------------------------------------------------------------ machine defaults
+
+def has_vnni() -> bool:
+    """x86 VNNI (8-bit dot products without saturation); read from /proc/cpuinfo where it exists."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # unknown: assume a modern CPU
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def machine_defaults() -> dict[str, Any]:
+    """The static settings that are fastest at unchanged accuracy on this CPU (measured; see README).
+
+    x86: UInt8 activations, Int8 per-channel weights (onnxruntime's own default, Int8 activations, ran a
+    digits CNN 1.7x slower than fp32; U8/S8 ran it at 0.6x). Without VNNI, 7-bit weights (reduce_range)
+    avoid the u8*s8 saturation of the AVX2 kernels. ARM: Int8 activations.
+    """
+    arch = platform.machine().lower()
+    if arch in ("arm64", "aarch64") or arch.startswith("arm"):
+        return {"activation": "int8", "weight": "int8", "per_channel": True, "reduce_range": False,
+                "why": f"{arch}: int8 activations and weights"}
+    vnni = has_vnni()
+    return {"activation": "uint8", "weight": "int8", "per_channel": True, "reduce_range": not vnni,
+            "why": f"{arch} {'with' if vnni else 'without'} VNNI: uint8 activations, int8 per-channel weights"
+                   + ("" if vnni else ", 7-bit weight range")}
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+@dataclass
+class QuantConfig:
+    """One way to quantize. ``kind`` is 'static' or 'dynamic'."""
+
+    kind: str = "static"
+    fmt: str = "qdq"
+    method: str = "minmax"
+    activation: str = "uint8"
+    weight: str = "int8"
+    per_channel: bool = True
+    symmetric: bool = False
+    reduce_range: bool = False
+    op_types: tuple[str, ...] | None = None  # None: every op type onnxruntime can quantize
+    exclude: tuple[str, ...] = ()  # node names kept in float
+    float_ops: tuple[str, ...] = ()  # op types kept in float (e.g. depthwise Conv) -> expanded to nodes
+
+    def label(self) -> str:
+        if self.kind == "dynamic":
+            s = f"dynamic, {self.weight} {'per-channel' if self.per_channel else 'per-tensor'} weights"
+        else:
+            s = (f"{self.fmt.upper()}, {self.activation} activations{' (symmetric)' if self.symmetric else ''}, "
+                 f"{self.weight} {'per-channel' if self.per_channel else 'per-tensor'} weights, {self.method}")
+            if self.reduce_range:
+                s += ", 7-bit weights"
+        if self.op_types:
+            s += f", ops {'/'.join(self.op_types)}"
+        if self.float_ops:
+            s += f", float {'/'.join(self.float_ops)}"
+        if self.exclude:
+            s += f", {len(self.exclude)} node(s) in float"
+        return s
+
+
+def _split(text: Any) -> list[str]:
+    if text is None:
+        return []
+    if isinstance(text, (list, tuple)):
+        return [str(t) for t in text]
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+def config_from_options(options: dict[str, Any], kind: str, model: ModelProto) -> tuple[QuantConfig, set[str], str]:
+    """The starting config, the settings the user fixed (the search leaves them alone), and why."""
+    d = machine_defaults()
+    fixed: set[str] = set()
+
+    def opt(key: str, default: Any, field_name: str) -> Any:
+        v = options.get(key)
+        if v is None:
+            return default
+        fixed.add(field_name)
+        return v
+
+    names = {n.name for n in model.graph.node}
+    exclude = _split(options.get("quant_exclude"))
+    unknown = [n for n in exclude if n not in names]
+    if unknown:
+        raise InputError(f"--quant-exclude: no node named {', '.join(repr(u) for u in unknown[:5])} in the model")
+    op_types = _split(options.get("quant_op_types")) or None
+    if op_types:
+        fixed.add("op_types")
+    if kind == "dynamic":
+        cfg = QuantConfig(kind="dynamic", fmt="qoperator", activation="uint8",
+                          weight=opt("weight_type", "int8", "weight"),
+                          per_channel=bool(opt("per_channel", False, "per_channel")),
+                          op_types=tuple(op_types) if op_types else None, exclude=tuple(exclude))
+        return cfg, fixed, "dynamic: uint8 activations quantized at run time"
+    cfg = QuantConfig(kind="static", fmt=opt("quant_format", "qdq", "fmt"), method=opt("quant_method", "minmax", "method"),
+                      activation=opt("activation_type", d["activation"], "activation"),
+                      weight=opt("weight_type", d["weight"], "weight"),
+                      per_channel=bool(opt("per_channel", d["per_channel"], "per_channel")),
+                      symmetric=bool(opt("quant_symmetric", False, "symmetric")),
+                      reduce_range=d["reduce_range"],
+                      op_types=tuple(op_types) if op_types else None, exclude=tuple(exclude))
+    return cfg, fixed, d["why"]
+
+
+# ------------------------------------------------------------------------------------- data reader
+
+def _make_reader_class():
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class CalibReader(CalibrationDataReader):
+        """Feeds CalibrationData to onnxruntime's calibrators in batches (re-iterable)."""
+
+        def __init__(self, data: CalibrationData, names: list[str], batch_size: int) -> None:
+            self.data, self.names, self.batch_size = data, names, batch_size
+            self._it: Iterator[dict[str, np.ndarray]] | None = None
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            if self._it is None:
+                self._it = ({k: v for k, v in b.items() if k in self.names}
+                            for b in self.data.batches(self.batch_size))
+            return next(self._it, None)
+
+        def rewind(self) -> None:
+            self._it = None
+
+        def __len__(self) -> int:
+            return math.ceil(self.data.size / max(1, self.batch_size))
+
+    return CalibReader
+
+
+def calib_reader(data: CalibrationData, model: ModelProto):
+    """A CalibrationDataReader over ``data`` for ``model`` (batches of the data's batch size)."""
+    from onnxslim.validate import graph_inputs
+
+    return _make_reader_class()(data, [i.name for i in graph_inputs(model)], data.batch_size)
+
+
+# ---------------------------------------------------------------------------------- model preparation
+
+@contextlib.contextmanager
+def quiet_ort() -> Iterator[list[str]]:
+    """Silence onnxruntime.quantization's advice on the root logger; collect its errors instead."""
+    errors: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.ERROR:
+                errors.append(record.getMessage().splitlines()[0])
+
+    handler = Catch()
+    root = logging.getLogger()
+    old = root.level
+    prev_disable = logging.root.manager.disable
+    loggers = [root, logging.getLogger("onnxruntime.quantization.shape_inference")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    logging.disable(logging.WARNING)  # drops WARNING and below everywhere, keeps ERROR for Catch
+    try:
+        yield errors
+    finally:
+        logging.disable(prev_disable)
+        for lg in loggers:
+            lg.removeHandler(handler)
+        root.setLevel(old)
+
+
+def opset_of(model: ModelProto) -> int:
+    return next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 0)
+
+
+def name_nodes(model: ModelProto) -> int:
+    """Give unnamed nodes unique names: exclusion lists and per-node reports need them."""
+    used = {n.name for n in model.graph.node if n.name}
+    count = 0
+    for i, n in enumerate(model.graph.node):
+        if not n.name:
+            base = f"{n.op_type}_{i}"
+            name = base
+            k = 0
+            while name in used:
+                k += 1
+                name = f"{base}_{k}"
+            n.name = name
+            used.add(name)
+            count += 1
+    return count
+
+
+def upgrade_opset(model: ModelProto, target: int = PER_CHANNEL_MIN_OPSET) -> ModelProto:
+    """onnx.version_converter to ``target`` (raises ValueError with a one-line reason)."""
+    try:
+        out = onnx.version_converter.convert_version(model, target)
+        onnx.checker.check_model(out)
+        return out
+    except Exception as e:  # noqa: BLE001 - the converter raises many types
+        raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+def preprocess(model: ModelProto, *, optimize: bool = True) -> tuple[ModelProto, str]:
+    """onnxruntime's quant_pre_process (symbolic shape inference + ORT basic graph optimization),
+    falling back to fewer steps when one fails. Returns the model and a note saying what ran."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    attempts = [("symbolic shape inference + ORT optimization + shape inference", dict(skip_symbolic_shape=False)),
+                ("ORT optimization + shape inference (symbolic shape inference skipped)", dict(skip_symbolic_shape=True))]
+    if not optimize:
+        attempts = [(a + " (no ORT optimization)", dict(kw, skip_optimization=True)) for a, kw in attempts]
+    failures = []
+    with tempfile.TemporaryDirectory(prefix="onnxslim-pre-") as tmp:
+        for what, kw in attempts:
+            out = Path(tmp) / "pre.onnx"
+            try:
+                with quiet_ort() as errors:
+                    quant_pre_process(copy.deepcopy(model), str(out), **kw)
+                result = onnx.load(str(out))
+                if errors and not kw.get("skip_optimization"):
+                    # quant_pre_process logs (not raises) an ORT optimizer failure and carries on without it.
+                    failures.append(f"ORT optimization failed ({errors[0]})")
+                    what = what.replace("ORT optimization + ", "")
+                note = f"pre-processing: {what}"
+                if failures:
+                    note += f"; {'; '.join(failures)}"
+                return result, note
+            except ImportError as e:
+                failures.append(f"symbolic shape inference unavailable ({str(e).splitlines()[0]})")
+            except Exception as e:  # noqa: BLE001 - third-party shape inference crashes in many ways
+                failures.append(f"{what.split(' +')[0]} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    return model, f"pre-processing skipped: {'; '.join(failures)}"
+
+
+def prune_opsets(model: ModelProto) -> None:
+    """Drop opset imports no node uses. onnxruntime's optimizer (pre-processing) writes every domain it
+    knows (ai.onnx.ml, training, contrib ...) into the model; they would end up in the output."""
+    used = {""}
+
+    def walk(g: onnx.GraphProto) -> None:
+        for n in g.node:
+            used.add(n.domain)
+            for a in n.attribute:
+                if a.HasField("g"):
+                    walk(a.g)
+                for sg in a.graphs:
+                    walk(sg)
+
+    walk(model.graph)
+    for f in model.functions:
+        used.add(f.domain)
+        used.update(n.domain for n in f.node)
+    keep = [o for o in model.opset_import if o.domain in used or (o.domain == "ai.onnx" and "" in used)]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+
+
+def gemm_to_matmul(model: ModelProto) -> int:
+    """Rewrite Gemm(A, const B, C) with alpha=beta=1, transA=0 as MatMul(A, B') + Add(C).
+
+    onnxruntime's dynamic quantizer knows MatMul but not Gemm; without this an MLP exported as Gemm
+    is not quantized at all. Exact in float (a transpose of a constant and the same sums)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    users: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            users[i] = users.get(i, 0) + 1
+    new_nodes = []
+    count = 0
+    for n in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        if (n.op_type != "Gemm" or n.domain not in ("", "ai.onnx") or len(n.input) < 2 or n.input[1] not in inits
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0)):
+            new_nodes.append(n)
+            continue
+        b = numpy_helper.to_array(inits[n.input[1]])
+        if attrs.get("transB", 0):
+            b = b.T
+            name = n.input[1] + "_T" if users.get(n.input[1], 0) > 1 else n.input[1]
+            t = numpy_helper.from_array(np.ascontiguousarray(b), name)
+            if name == n.input[1]:
+                inits[name].CopyFrom(t)
+            else:
+                model.graph.initializer.append(t)
+                inits[name] = model.graph.initializer[-1]
+            b_name = name
+        else:
+            b_name = n.input[1]
+        has_c = len(n.input) > 2 and n.input[2]
+        mm_out = n.output[0] + "_matmul" if has_c else n.output[0]
+        new_nodes.append(onnx.helper.make_node("MatMul", [n.input[0], b_name], [mm_out], name=n.name or None))
+        if has_c:
+            new_nodes.append(onnx.helper.make_node("Add", [mm_out, n.input[2]], [n.output[0]],
+                                                   name=(n.name + "_bias") if n.name else None))
+        count += 1
+    if count:
+        del model.graph.node[:]
+        model.graph.node.extend(new_nodes)
+    return count
+
+
+def depthwise_convs(model: ModelProto) -> list[str]:
+    """Names of grouped convolutions (depthwise and group>1): INT8 kernels for them are often slower."""
+    return [n.name for n in model.graph.node if n.op_type == "Conv" and any(
+        a.name == "group" and a.i > 1 for a in n.attribute)]
+
+
+# ------------------------------------------------------------------------------------------ quantizer
+
+class Quantizer:
+    """Quantizes one prepared float model under many configs; calibration ranges are computed once
+    per (method, op types) and reused from onnxruntime's calibration cache."""
+
+    def __init__(self, model: ModelProto, data: CalibrationData | None, tmpdir: Path) -> None:
+        self.model = model
+        self.data = data
+        self.tmp = tmpdir
+        self._n = 0
+        # onnxruntime is given a path, never the proto: for a ModelProto input it saves it with external
+        # data, which rewrites the caller's proto in place into references to a temporary file.
+        self.path = tmpdir / "float.onnx"
+        onnx.save(model, str(self.path))
+
+    def _nodes_for(self, cfg: QuantConfig) -> list[str]:
+        names = set(cfg.exclude)
+        if "DepthwiseConv" in cfg.float_ops:
+            names.update(depthwise_convs(self.model))
+        names.update(n.name for n in self.model.graph.node if n.op_type in cfg.float_ops)
+        return sorted(names)
+
+    def quantize(self, cfg: QuantConfig) -> ModelProto:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+        types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+        self._n += 1
+        out = self.tmp / f"q{self._n}.onnx"
+        op_types = list(cfg.op_types) if cfg.op_types else None
+        with quiet_ort():
+            if cfg.kind == "dynamic":
+                quantize_dynamic(str(self.path), str(out), op_types_to_quantize=op_types, per_channel=cfg.per_channel,
+                                 reduce_range=cfg.reduce_range, weight_type=types[cfg.weight],
+                                 nodes_to_exclude=self._nodes_for(cfg), extra_options={"MatMulConstBOnly": True})
+            else:
+                method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                          "percentile": CalibrationMethod.Percentile}[cfg.method]
+                cache = self.tmp / f"ranges-{cfg.method}-{'_'.join(op_types or ['all'])}.json"
+                if not cache.exists():
+                    full = self.tmp / f"ranges-{cfg.method}-all.json"
+                    if full.exists():
+                        cache = full  # a superset of the tensors of any op-type subset
+                extra: dict[str, Any] = {"ActivationSymmetric": cfg.symmetric, "WeightSymmetric": True}
+                if cfg.method == "minmax" and self.data is not None and self.data.size > 8 * self.data.batch_size:
+                    extra["CalibMaxIntermediateOutputs"] = 8  # bounded memory on big calibration sets
+                reader = calib_reader(self.data, self.model) if self.data is not None else None
+                quantize_static(str(self.path), str(out), reader,
+                                quant_format=QuantFormat.QDQ if cfg.fmt == "qdq" else QuantFormat.QOperator,
+                                op_types_to_quantize=op_types, per_channel=cfg.per_channel,
+                                reduce_range=cfg.reduce_range, activation_type=types[cfg.activation],
+                                weight_type=types[cfg.weight], nodes_to_exclude=self._nodes_for(cfg),
+                                calibrate_method=method, extra_options=extra, calibration_cache_path=str(cache))
+        q = onnx.load(str(out))
+        out.unlink(missing_ok=True)
+        prune_opsets(q)
+        return q
+
+
+# --------------------------------------------------------------------------------------- measurement
+
+@dataclass
+class Gate:
+    """The quality and speed requirements a quantized result must meet."""
+
+    min_cosine: float = 0.99
+    max_acc_drop: float = 1.0
+    min_top1: float | None = None
+    min_speedup: float | None = 1.0  # None: no speed gate (--objective size)
+    objective: str = "speed"
+
+
+@dataclass
+class Quality:
+    passed: bool
+    reason: str
+    cosine: float | None = None
+    top1: float | None = None
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+
+    def summary(self) -> str:
+        parts = []
+        if self.accuracy_after is not None:
+            parts.append(f"accuracy {self.accuracy_after:.2f}% (float {self.accuracy_before:.2f}%)")
+        if self.cosine is not None:
+            parts.append(f"cosine {self.cosine:.6f}")
+        if self.top1 is not None:
+            parts.append(f"top-1 agreement {self.top1 * 100:.1f}%")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "reason": self.reason, "cosine": self.cosine, "top1": self.top1,
+                "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after}
+
+
+def judge(reference: ModelProto, candidate: ModelProto, feeds: dict[str, np.ndarray], labels: np.ndarray | None,
+          gate: Gate, custom_op_library: str | None = None) -> Quality:
+    n = next(iter(feeds.values())).shape[0]
+    chunk = static_batch(reference)
+    if chunk is None and n > 256:
+        chunk = 256
+    if chunk is not None and (n <= chunk or n % chunk):
+        chunk = None if n <= chunk else chunk
+    res = compare_models(reference, candidate, feeds, labels=labels, lossy=True, min_cosine=gate.min_cosine,
+                         max_acc_drop=gate.max_acc_drop, chunk=chunk, custom_op_library=custom_op_library)
+    cos = min((o.cosine for o in res.outputs), default=None)
+    tops = [o.top1_agreement for o in res.outputs if o.top1_agreement is not None]
+    top1 = min(tops) if tops else None
+    q = Quality(res.passed, res.reason, cos, top1, res.accuracy_before, res.accuracy_after)
+    if q.passed and gate.min_top1 is not None and top1 is not None and top1 < gate.min_top1:
+        q.passed, q.reason = False, f"top-1 agreement {top1 * 100:.1f}% < min {gate.min_top1 * 100:.1f}%"
+    return q
+
+
+def latency_batches(model: ModelProto) -> tuple[int, ...]:
+    fixed = static_batch(model)
+    return (fixed,) if fixed is not None else LATENCY_BATCHES
+
+
+def paired_latency(a: Any, b: Any, feeds: dict[str, np.ndarray], *, seconds: float = 1.0,
+                   min_runs: int = 15, max_runs: int = 400) -> tuple[float, float, float]:
+    """Median ms of two sessions and the median of their per-run ratio a/b.
+
+    Runs alternate a, b, a, b ...: a burst of load from other processes hits both sides of a pair,
+    so the paired ratio stays stable on a shared machine where separate medians drift by 2x."""
+    import time
+
+    def timed(s: Any) -> float:
+        t0 = time.perf_counter()
+        s.run(None, feeds)
+        return time.perf_counter() - t0
+
+    for _ in range(3):
+        timed(a), timed(b)
+    probe = timed(a) + timed(b)
+    runs = int(min(max_runs, max(min_runs, seconds / max(probe, 1e-6))))
+    ta, tb = [], []
+    for i in range(runs):
+        if i % 2:  # alternate which goes first: neither side always gets the warm cache
+            tb.append(timed(b))
+            ta.append(timed(a))
+        else:
+            ta.append(timed(a))
+            tb.append(timed(b))
+    ratio = float(np.median(np.asarray(ta) / np.asarray(tb)))
+    return float(np.median(ta)) * 1e3, float(np.median(tb)) * 1e3, ratio
+
+
+def measure_speed(reference: ModelProto, candidate: ModelProto, input_shapes: dict[str, list[int]],
+                  batches: tuple[int, ...], seconds: float = 1.0) -> dict[int, dict[str, float]]:
+    """Latency of both models per batch (one thread each), paired run by run in one process."""
+    from onnxslim.runtime import make_session
+
+    sa, sb = make_session(reference, threads=1), make_session(candidate, threads=1)
+    names_a = {i.name for i in sa.get_inputs()}
+    out: dict[int, dict[str, float]] = {}
+    for b in batches:
+        feeds = {k: v for k, v in make_inputs(reference, input_shapes, batch=b, seed=1).items() if k in names_a}
+        ref_ms, cand_ms, ratio = paired_latency(sa, sb, feeds, seconds=seconds)
+        out[b] = {"before_ms": ref_ms, "after_ms": cand_ms, "speedup": ratio}
+    return out
+
+
+# ------------------------------------------------------------------------------------ error ranking
+
+def _dump_activations(model: ModelProto, feeds: list[dict[str, np.ndarray]], tmp: Path, tag: str) -> dict[str, np.ndarray]:
+    from onnxruntime.quantization.qdq_loss_debug import collect_activations, modify_model_output_intermediate_tensors
+
+    src, aug = tmp / f"{tag}.onnx", tmp / f"{tag}_aug.onnx"
+    onnx.save(model, str(src))
+    with quiet_ort():
+        modify_model_output_intermediate_tensors(str(src), str(aug))
+        acts = collect_activations(str(aug), iter(feeds))
+    return {k: np.concatenate([a.ravel() for a in v]) for k, v in acts.items()}
+
+
+def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB (onnxruntime's qdq_loss_debug definition)."""
+    from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio
+
+    if ref.shape != test.shape:
+        return float("nan")
+    return float(compute_signal_to_quantization_noice_ratio(ref.astype(np.float64), test.astype(np.float64)))
+
+
+def rank_nodes(float_model: ModelProto, quant_model: ModelProto, data: CalibrationData, candidates: set[str],
+               tmp: Path, samples: int = DEBUG_SAMPLES) -> list[dict[str, Any]]:
+    """Where precision is lost: quantized nodes ordered by SQNR of their inputs minus SQNR of their output,
+    float model vs quantized model on the same calibration samples.
+
+    Tensors keep their names in QDQ and dynamic models; on the quantized side a tensor is read after its
+    QuantizeLinear/DequantizeLinear pair (what consumers see). A node whose output vanished in the
+    quantized model (a Conv fused with the Relu after it) is folded into the first observable node
+    after it: both are moved to float together."""
+    from onnxruntime.quantization.quant_utils import DEQUANT_OUTPUT_SUFFIX
+
+    from onnxslim.validate import graph_inputs
+
+    sub = data.subset(samples)
+    names = [i.name for i in graph_inputs(float_model)]
+    feeds = [{k: v for k, v in b.items() if k in names} for b in sub.batches()]
+    fa = _dump_activations(float_model, feeds, tmp, "float")
+    qa = _dump_activations(quant_model, feeds, tmp, "quant")
+    graph_in = set(names)
+    producer = {o: n for n in float_model.graph.node for o in n.output}
+    cap = 120.0
+    cache: dict[str, float | None] = {}
+
+    def sq(t: str) -> float | None:
+        if t in graph_in:
+            return cap
+        if t not in cache:
+            q = qa.get(t + DEQUANT_OUTPUT_SUFFIX, qa.get(t))
+            v = sqnr_db(fa[t], q) if t in fa and q is not None else float("nan")
+            cache[t] = None if math.isnan(v) else min(cap, v)
+        return cache[t]
+
+    def seen_by_consumers(t: str, chain: list[str], depth: int = 0) -> float | None:
+        s = sq(t)
+        if s is not None or depth > 4:
+            return s
+        p = producer.get(t)
+        if p is None:
+            return None  # an initializer
+        chain.append(p.name)
+        vals = [v for i in p.input if i and (v := seen_by_consumers(i, chain, depth + 1)) is not None]
+        return min(vals) if vals else None
+
+    ranked = []
+    for n in float_model.graph.node:
+        if not n.output or sq(n.output[0]) is None:
+            continue
+        out = sq(n.output[0])
+        chain: list[str] = []
+        ins = [v for t in n.input if t and (v := seen_by_consumers(t, chain)) is not None]
+        nodes = [x for x in [n.name] + chain if x in candidates]
+        if not nodes:
+            continue
+        inp = min(ins) if ins else cap
+        ranked.append({"node": n.name, "op": n.op_type, "nodes": nodes, "sqnr_out": round(out, 2),
+                       "sqnr_in": round(inp, 2), "loss_db": round(max(0.0, inp - out), 2)})
+    ranked.sort(key=lambda r: (-r["loss_db"], r["sqnr_out"]))
+    return ranked
+
+
+# --------------------------------------------------------------------------------------------- search
+
+@dataclass
+class Candidate:
+    cfg: QuantConfig
+    model: ModelProto
+    quality: Quality
+    speed: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float:
+        """The speed gate's number: geometric mean of the speedups at batch 1 and the large batch."""
+        if not self.speed:
+            return 0.0
+        return float(np.exp(np.mean([np.log(max(1e-9, v["speedup"])) for v in self.speed.values()])))
+
+    @property
+    def worst_speedup(self) -> float:
+        return min((v["speedup"] for v in self.speed.values()), default=0.0)
+
+    def score(self) -> float:
+        return self.speedup
+
+    def row(self) -> dict[str, Any]:
+        return {"config": self.cfg.label(), "size": self.model.ByteSize(), "quality": self.quality.to_dict(),
+                "speedup": {f"batch{b}": round(v["speedup"], 3) for b, v in self.speed.items()},
+                "latency_ms": {f"batch{b}": {"float": round(v["before_ms"], 4), "int8": round(v["after_ms"], 4)}
+                               for b, v in self.speed.items()}}
+
+
+class QuantSearch:
+    """Quantize, then make the result fast (latency search) and accurate enough (float fallback)."""
+
+    def __init__(self, float_model: ModelProto, quantizer: Quantizer, reference: ModelProto,
+                 feeds: dict[str, np.ndarray], labels: np.ndarray | None, gate: Gate, fixed: set[str],
+                 input_shapes: dict[str, list[int]], progress: Callable[[str], None] = lambda m: None,
+                 custom_op_library: str | None = None, search: bool = True) -> None:
+        self.float_model = float_model
+        self.q = quantizer
+        self.reference = reference
+        self.feeds, self.labels = feeds, labels
+        self.gate = gate
+        self.fixed = fixed
+        self.input_shapes = input_shapes
+        self.progress = progress
+        self.custom = custom_op_library
+        self.search_enabled = search
+        self.tried: list[Candidate] = []
+        self.fallback_steps: list[dict[str, Any]] = []
+        self.batches = latency_batches(float_model)
+
+    def evaluate(self, cfg: QuantConfig, timed: bool = True) -> Candidate:
+        self.progress(f"quantizing: {cfg.label()}")
+        model = self.q.quantize(cfg)
+        quality = judge(self.reference, model, self.feeds, self.labels, self.gate, self.custom)
+        cand = Candidate(cfg, model, quality)
+        if timed:
+            self.progress(f"timing: {cfg.label()}")
+            cand.speed = measure_speed(self.float_model, model, self.input_shapes, self.batches)
+            if self.gate.min_speedup is not None and abs(cand.speedup / self.gate.min_speedup - 1) < NOISE:
+                again = measure_speed(self.float_model, model, self.input_shapes, self.batches, seconds=2.0)
+                for b, v in again.items():  # near the threshold: average two measurements
+                    cand.speed[b] = {k: (cand.speed[b][k] + v[k]) / 2 for k in v}
+        self.tried.append(cand)
+        return cand
+
+    def goal(self) -> float:
+        return max(1.0, self.gate.min_speedup or 1.0)
+
+    def moves(self, cfg: QuantConfig) -> list[QuantConfig]:
+        """What can win when INT8 is slower, in the order worth trying."""
+        out = []
+        ops = {n.op_type for n in self.float_model.graph.node}
+        if depthwise_convs(self.float_model) and "DepthwiseConv" not in cfg.float_ops:
+            out.append(replace(cfg, float_ops=cfg.float_ops + ("DepthwiseConv",)))
+        if cfg.kind == "dynamic" and "Conv" in ops and "Conv" not in cfg.float_ops and "op_types" not in self.fixed:
+            out.insert(0, replace(cfg, float_ops=cfg.float_ops + ("Conv",)))
+        if cfg.kind == "static" and "op_types" not in self.fixed and cfg.op_types is None:
+            out.append(replace(cfg, op_types=tuple(o for o in COMPUTE_OPS if o in ops)))
+        if "per_channel" not in self.fixed:
+            out.append(replace(cfg, per_channel=not cfg.per_channel))
+        if cfg.kind == "static" and "activation" not in self.fixed:
+            other = "int8" if cfg.activation == "uint8" else "uint8"
+            out.append(replace(cfg, activation=other, symmetric=other == "int8" or cfg.symmetric))
+        heavy = [o for o in ("Conv", "MatMul", "Gemm") if o in ops]
+        if len(heavy) > 1 and "op_types" not in self.fixed:
+            out += [replace(cfg, float_ops=cfg.float_ops + (o,)) for o in heavy if o not in cfg.float_ops]
+        return out
+
+    def latency_search(self, first: Candidate) -> Candidate:
+        """Greedy: from the best so far, try each move; keep the best; stop when fast enough or out of budget."""
+        best = first if first.quality.passed else None
+        current = first
+        seen = {first.cfg.label()}
+        while len(self.tried) < SEARCH_BUDGET:
+            if best is not None and best.worst_speedup >= self.goal():
+                break
+            improved = False
+            for cfg in self.moves(current.cfg):
+                if cfg.label() in seen or len(self.tried) >= SEARCH_BUDGET:
+                    continue
+                seen.add(cfg.label())
+                c = self.evaluate(cfg)
+                if not quant_op_counts(c.model):
+                    continue  # everything left in float: that is the float model, not a candidate
+                if c.quality.passed and (best is None or c.score() > best.score() * (1 + NOISE / 2)):
+                    best, improved = c, True
+            if not improved or best is None:
+                break
+            current = best
+        return best if best is not None else first
+
+    def fallback(self, cand: Candidate, data: CalibrationData, tmp: Path) -> Candidate:
+        """Move the nodes that lose the most signal back to float, a few at a time, until the gate passes."""
+        steps = 0
+        n_quant = sum(1 for n in self.float_model.graph.node if n.op_type in (cand.cfg.op_types or COMPUTE_OPS))
+        while not cand.quality.passed and steps < FALLBACK_STEPS:
+            steps += 1
+            self.progress(f"accuracy fallback step {steps}")
+            float_now = set(cand.cfg.exclude) | set(self.q._nodes_for(cand.cfg))
+            quantizable = _quantizable_nodes(self.float_model, cand.cfg)
+            candidates = quantizable - float_now
+            if not candidates:
+                break
+            ranked = rank_nodes(self.float_model, cand.model, data, candidates, tmp)
+            if not ranked:
+                break
+            k = max(1, min(len(ranked), (2 ** ((steps - 1) // 2)) * max(1, n_quant // 32)))
+            moved = list(dict.fromkeys(x for r in ranked[:k] for x in r["nodes"]))
+            cfg = replace(cand.cfg, exclude=tuple(cand.cfg.exclude) + tuple(moved))
+            nxt = self.evaluate(cfg, timed=False)
+            self.fallback_steps.append({"step": steps, "moved_to_float": moved,
+                                        "ranking": ranked[:max(5, k)], "quality": nxt.quality.to_dict(),
+                                        "metric": nxt.quality.summary()})
+            cand = nxt
+        if self.fallback_steps:
+            self.progress("timing the fallback result")
+            cand.speed = measure_speed(self.float_model, cand.model, self.input_shapes, self.batches)
+        return cand
+
+    def run(self, start: QuantConfig, data: CalibrationData | None, tmp: Path, timed: bool = True) -> Candidate:
+        first = self.evaluate(start, timed=timed)
+        best = first
+        if timed and self.search_enabled and first.worst_speedup < self.goal():
+            best = self.latency_search(first)
+        if not best.quality.passed and data is not None:
+            best = self.fallback(best, data, tmp)
+        return best
+
+
+def _quantizable_nodes(model: ModelProto, cfg: QuantConfig) -> set[str]:
+    """Nodes the config would quantize: its op types, or (default) onnxruntime's registry for the mode."""
+    if cfg.op_types:
+        types = set(cfg.op_types)
+    else:
+        from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
+
+        if cfg.kind == "dynamic":
+            types = set(IntegerOpsRegistry)
+        elif cfg.fmt == "qdq":
+            types = set(QDQRegistry)
+        else:
+            types = set(QLinearOpsRegistry)
+    return {n.name for n in model.graph.node if n.op_type in types}
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+def size_ratio(before: ModelProto, after: ModelProto) -> float:
+    b = before.ByteSize()
+    return after.ByteSize() / b if b else 1.0
+
+
+def quant_op_counts(model: ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+                         "ConvInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul", "QGemm"):
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+# ------------------------------------------------------------------------------------ pass driver
+
+def gate_from_options(options: dict[str, Any]) -> Gate:
+    from onnxslim.validate import DEFAULT_MAX_ACC_DROP, DEFAULT_MIN_COSINE
+
+    objective = options.get("objective") or "speed"
+    min_speedup = options.get("min_speedup")
+    return Gate(min_cosine=DEFAULT_MIN_COSINE if options.get("min_cosine") is None else float(options["min_cosine"]),
+                max_acc_drop=(DEFAULT_MAX_ACC_DROP if options.get("max_acc_drop") is None
+                              else float(options["max_acc_drop"])),
+                min_top1=None if options.get("min_top1") is None else float(options["min_top1"]),
+                min_speedup=None if objective == "size" else (1.0 if min_speedup is None else float(min_speedup)),
+                objective=objective)
+
+
+def _prepare(model: ModelProto, cfg: QuantConfig, kind: str, notes: list[str]) -> tuple[ModelProto, QuantConfig]:
+    """Copy, name nodes, make the model quantizable (opset, Gemm for dynamic), run ORT pre-processing."""
+    prep = copy.deepcopy(model)
+    named = name_nodes(prep)
+    if named:
+        notes.append(f"named {named} unnamed node(s) so they can be excluded and reported")
+    opset = opset_of(prep)
+    want = 11 if opset < 10 else opset
+    if kind == "static" and cfg.fmt == "qdq" and cfg.per_channel and opset < PER_CHANNEL_MIN_OPSET:
+        want = PER_CHANNEL_MIN_OPSET  # per-channel DequantizeLinear(axis=...) is invalid below 13
+    if want != opset:
+        try:
+            prep = upgrade_opset(prep, want)
+            notes.append(f"opset {opset} -> {want} (onnx.version_converter) so that "
+                         + ("per-channel QDQ is valid" if want == PER_CHANNEL_MIN_OPSET else "it can be quantized"))
+        except ValueError as e:
+            if want == PER_CHANNEL_MIN_OPSET and opset >= 10:
+                cfg = replace(cfg, per_channel=False)
+                notes.append(f"opset {opset} could not be converted to {want} ({e}): per-tensor weights instead")
+            else:
+                raise InputError(f"opset {opset} model cannot be converted to opset {want} for quantization: {e}") from None
+    if kind == "dynamic" and (cfg.op_types is None or {"Gemm", "MatMul"} & set(cfg.op_types)):
+        n = gemm_to_matmul(prep)
+        if n:
+            notes.append(f"{n} Gemm -> MatMul+Add (onnxruntime's dynamic quantizer has no Gemm)")
+            if cfg.op_types and "Gemm" in cfg.op_types and "MatMul" not in cfg.op_types:
+                cfg = replace(cfg, op_types=tuple(cfg.op_types) + ("MatMul",))
+    prep, note = preprocess(prep)
+    notes.append(note)
+    missing = [n for n in cfg.exclude if n not in {x.name for x in prep.graph.node}]
+    if missing:
+        notes.append(f"--quant-exclude: {', '.join(missing)} no longer exist after pre-processing (fused)")
+    return prep, cfg
+
+
+def quantize_pass(model: ModelProto, ctx: Any, kind: str) -> Any:
+    """The body of the quantize-static / quantize-dynamic passes: returns a PassResult."""
+    from onnxslim.manager import PassResult
+    from onnxslim.model import PROTO_LIMIT
+
+    data = ctx.calibration(model, required=kind == "static")
+    cfg, fixed, why = config_from_options(ctx.options, kind, model)
+    gate = gate_from_options(ctx.options)
+    notes: list[str] = []
+    prep, cfg = _prepare(model, cfg, kind, notes)
+
+    reference = ctx.original.proto if ctx.original is not None and ctx.original.proto.ByteSize() < PROTO_LIMIT else model
+    feeds, labels = ctx.inputs, getattr(ctx, "labels", None)
+    if feeds is None:
+        if data is not None and data.measured:
+            feeds, labels = data.inputs, data.labels
+        else:
+            feeds = make_inputs(reference, ctx.input_shapes)
+    custom = ctx.options.get("custom_op_library")
+    with tempfile.TemporaryDirectory(prefix="onnxslim-quant-") as tmp:
+        search = QuantSearch(prep, Quantizer(prep, data, Path(tmp)), reference, feeds, labels, gate, fixed,
+                             ctx.input_shapes, ctx.progress, custom, search=gate.min_speedup is not None)
+        best = search.run(cfg, data, Path(tmp))
+
+    first = search.tried[0]
+    float_nodes = sorted(set(best.cfg.exclude) | set(search.q._nodes_for(best.cfg)) - set(cfg.exclude))
+    size_x = size_ratio(model, best.model)
+    speed_txt = ", ".join(f"batch {b}: {1 / v['speedup']:.2f}x the float latency" for b, v in best.speed.items())
+    notes.insert(0, f"{kind} quantization: {best.cfg.label()} (defaults for this machine: {why})")
+    notes.append(f"result: file {size_x:.2f}x, {speed_txt}; {best.quality.summary()}")
+    if kind == "dynamic" and "Conv" in {n.op_type for n in prep.graph.node} and first.speed:
+        slow = 1 / first.worst_speedup if first.worst_speedup else float("inf")
+        if slow > 1:
+            ctx.warn(f"quantize-dynamic: dynamic INT8 Conv (ConvInteger) ran up to {slow:.1f}x slower than float; " + ("Conv kept in float. " if "Conv" in best.cfg.float_ops else "")
+                     + "For Conv-heavy models use --passes quantize-static (calibrated QDQ)")
+    slower = [b for b, v in best.speed.items() if v["speedup"] < 1.0 + NOISE / 2]
+    if slower:
+        ctx.warn(f"quantize-{kind}: the INT8 model is NOT FASTER than float at batch {' and '.join(map(str, slower))} "
+                 f"({speed_txt}) after trying {len(search.tried)} configuration(s)")
+    if size_x >= 1.0:
+        ctx.warn(f"quantize-{kind}: the INT8 file is not smaller ({size_x:.2f}x): the model is too small for the "
+                 f"quantization parameters to pay off")
+    if gate.min_speedup is not None and best.speed and best.speedup < gate.min_speedup:
+        ctx.gate_failures.append(
+            f"quantize-{kind}: speedup {best.speedup:.2f}x (geometric mean over batch "
+            f"{' and '.join(map(str, best.speed))}) < --min-speedup "
+            f"{gate.min_speedup:g} ({len(search.tried)} configuration(s) tried; --objective size keeps it for its size)")
+    if gate.objective == "size" and size_x >= 1.0:
+        ctx.gate_failures.append(f"quantize-{kind}: --objective size but the file is {size_x:.2f}x the float file")
+    if not best.quality.passed:
+        ctx.gate_failures.append(f"quantize-{kind}: {best.quality.reason} with {len(float_nodes)} node(s) in float")
+
+    details = {
+        "kind": kind, "config": best.cfg.label(), "machine_defaults": why,
+        "settings": {"format": best.cfg.fmt, "method": best.cfg.method, "activation_type": best.cfg.activation,
+                     "weight_type": best.cfg.weight, "per_channel": best.cfg.per_channel,
+                     "symmetric": best.cfg.symmetric, "reduce_range": best.cfg.reduce_range,
+                     "op_types": list(best.cfg.op_types or []), "float_op_types": list(best.cfg.float_ops)},
+        "notes": notes, "size_ratio": round(size_x, 4), "quality": best.quality.to_dict(),
+        "latency": {f"batch{b}": v for b, v in best.speed.items()},
+        "candidates": [c.row() for c in search.tried],
+        "fallback": search.fallback_steps, "nodes_in_float": float_nodes,
+        "quant_ops": quant_op_counts(best.model),
+        "calibration": None if data is None else {"source": data.source, "samples": data.size,
+                                                  "batch": data.batch_size, "measured": data.measured},
+    }
+    ctx.report_extra.setdefault("quantize", {})
+    ctx.report_extra["quantize"] = details
+    stats = {"size_ratio": round(size_x, 4), "candidates": len(search.tried), "nodes_in_float": len(float_nodes)}
+    for b, v in best.speed.items():
+        stats[f"speedup_b{b}"] = round(v["speedup"], 3)
+    return PassResult(changed=True, stats=stats, notes=notes, model=best.model, details=details)

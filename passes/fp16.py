@@ -1,0 +1,58 @@
+"""fp16: float32 -> float16 weights and activations (onnxruntime's transformers.float16 converter).
+
+Halves the file. Inputs and outputs stay float32 by default (--fp16-keep-io) so callers need no change;
+--fp16-block-ops keeps more op types in float32 on top of the converter's own block list. On x86 CPUs
+onnxruntime has few float16 kernels, so the model is usually no faster (measured 1.0x): the pass times
+it against the float32 model and says so; a speed gate applies only when --min-speedup is given.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from onnx import ModelProto
+
+from onnxslim.manager import Context, Pass, PassResult, register
+from onnxslim.quantization import latency_batches, measure_speed, opset_of, prune_opsets, quiet_ort
+
+
+@register
+class Float16(Pass):
+    name = "fp16"
+    description = "Convert to float16 (float32 inputs/outputs kept by default); halves the file, validated and timed"
+    lossless = False
+    level = "model"
+
+    def run(self, model: ModelProto, ctx: Context) -> PassResult:
+        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+        keep_io = ctx.option("fp16_keep_io", True)
+        extra = [t.strip() for t in str(ctx.option("fp16_block_ops", "")).split(",") if t.strip()]
+        block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(extra))
+        with quiet_ort():
+            out = convert_float_to_float16(copy.deepcopy(model), keep_io_types=bool(keep_io), op_block_list=block)
+        prune_opsets(out)
+        size_x = out.ByteSize() / max(1, model.ByteSize())
+        notes = [f"float16 with float32 inputs/outputs" if keep_io else "float16 inputs/outputs",
+                 f"file {size_x:.2f}x"]
+        if extra:
+            notes.append(f"kept in float32 (--fp16-block-ops): {', '.join(extra)}")
+        details: dict = {"size_ratio": round(size_x, 4), "keep_io_types": bool(keep_io), "block_ops": extra,
+                         "opset": opset_of(out)}
+        try:
+            speed = measure_speed(model, out, ctx.input_shapes, latency_batches(model), seconds=0.5)
+            details["latency"] = {f"batch{b}": v for b, v in speed.items()}
+            txt = ", ".join(f"batch {b}: {1 / v['speedup']:.2f}x the float32 latency" for b, v in speed.items())
+            notes.append(txt)
+            if any(v["speedup"] < 1.0 for v in speed.values()):
+                ctx.warn(f"fp16: not faster than float32 on this CPU ({txt}); it is smaller ({size_x:.2f}x)")
+            min_speedup = ctx.options.get("min_speedup")
+            if min_speedup is not None and ctx.options.get("objective") != "size":
+                worst = min(v["speedup"] for v in speed.values())
+                if worst < float(min_speedup):
+                    ctx.gate_failures.append(f"fp16: speedup {worst:.2f}x < --min-speedup {float(min_speedup):g}")
+        except Exception as e:  # noqa: BLE001 - timing informs; validation decides
+            details["latency_error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+        ctx.report_extra["fp16"] = details
+        return PassResult(changed=True, stats={"size_ratio": round(size_x, 4)}, notes=notes, model=out,
+                          details=details)
