@@ -258,6 +258,20 @@ def _compare_any(original: Model, candidate: ModelProto | Path, feeds: dict[str,
             return _compare(original, candidate, f, labels, **kw), src
         except NotValidatable as e:
             reason = str(e)
+    # No outputs to compare; still, a result that onnxruntime cannot even load is never acceptable.
+    from onnxslim.runtime import make_session
+
+    lib = kw.get("custom_op_library")
+    try:
+        make_session(original.path if original.path is not None else original.proto,  # proto may hold stubs
+                     custom_op_library=lib)
+    except Exception:  # noqa: BLE001 - the original does not load either: nothing to hold the result to
+        return None, reason
+    try:
+        make_session(candidate, custom_op_library=lib)
+    except Exception as e:  # noqa: BLE001
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        return ValidationResult(False, f"the optimized model does not load in onnxruntime: {first[-200:]}"), reason
     return None, reason
 
 

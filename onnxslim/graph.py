@@ -112,7 +112,65 @@ def to_proto(graph: gs.Graph, template: ModelProto) -> ModelProto:
         model.functions.extend(template.functions)
     if len(template.training_info):
         model.training_info.extend(template.training_info)
+    _dedupe_subgraph_initializers(model.graph)
+    if template.ir_version and template.ir_version < 4:
+        _initializers_as_inputs(model.graph)
     return model
+
+
+def _same_tensor(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
+    return (a.data_type == b.data_type and list(a.dims) == list(b.dims)
+            and a.SerializeToString() == b.SerializeToString())
+
+
+def _subgraphs(g: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    for n in g.node:
+        for a in n.attribute:
+            if a.HasField("g"):
+                yield a.g
+            yield from a.graphs
+
+
+def _dedupe_subgraph_initializers(main: onnx.GraphProto) -> None:
+    """graphsurgeon exports a constant read from an outer scope as an initializer of every subgraph
+    that reads it (a weight used by both If branches is stored three times). Drop copies that an
+    enclosing scope already holds, and hoist identical copies held by several subgraphs to the main graph.
+    """
+    copies: dict[str, list[tuple[onnx.GraphProto, onnx.TensorProto]]] = {}
+
+    def walk(g: onnx.GraphProto, outer: dict[str, onnx.TensorProto]) -> None:
+        if outer:
+            for i in reversed(range(len(g.initializer))):
+                t = g.initializer[i]
+                if t.name in outer and _same_tensor(outer[t.name], t):
+                    del g.initializer[i]
+        if g is not main:
+            for t in g.initializer:
+                copies.setdefault(t.name, []).append((g, t))
+        scope = dict(outer)
+        scope.update((t.name, t) for t in g.initializer)
+        for sg in _subgraphs(g):
+            walk(sg, scope)
+
+    walk(main, {})
+    main_names = ({t.name for t in main.initializer} | {v.name for v in main.input}
+                  | {o for n in main.node for o in n.output})
+    for name, held in copies.items():
+        if len(held) < 2 or name in main_names or not all(_same_tensor(held[0][1], t) for _, t in held[1:]):
+            continue
+        main.initializer.append(held[0][1])
+        for g, _ in held:
+            for i in reversed(range(len(g.initializer))):
+                if g.initializer[i].name == name:
+                    del g.initializer[i]
+
+
+def _initializers_as_inputs(g: onnx.GraphProto) -> None:
+    """IR version < 4 requires every initializer of the main graph to be a graph input too (graphsurgeon drops them)."""
+    have = {v.name for v in g.input}
+    for t in g.initializer:
+        if t.name not in have:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
 
 
 def opset_version(graph: gs.Graph, domain: str = "") -> int:
@@ -227,3 +285,77 @@ def op_histogram(model: ModelProto) -> dict[str, int]:
 
 def node_count(model: ModelProto) -> int:
     return sum(op_histogram(model).values())
+
+
+# Ops whose output is not a function of their inputs: never folded, never merged.
+NONDETERMINISTIC_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
+                                  "Multinomial", "Bernoulli"})
+
+
+def is_tensor(t: gs.Tensor) -> bool:
+    """A plain tensor (not a sequence, map, optional or sparse value)."""
+    return isinstance(t, gs.Constant) or getattr(t, "type", "tensor_type") == "tensor_type"
+
+
+def static_shape(t: gs.Tensor) -> tuple[int, ...] | None:
+    """The fully known shape of a tensor, else None (unknown rank or any symbolic/unknown dim)."""
+    if not is_tensor(t):
+        return None
+    shape = t.shape
+    if shape is None:
+        return None
+    out = []
+    for d in shape:
+        if isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer)) or d < 0:
+            return None
+        out.append(int(d))
+    return tuple(out)
+
+
+def tensor_dtype(t: gs.Tensor) -> np.dtype | None:
+    """The numpy dtype of a plain tensor when known and representable, else None."""
+    if not is_tensor(t) or t.dtype is None:
+        return None
+    try:
+        return np.dtype(t.dtype)
+    except TypeError:
+        return None
+
+
+def substitute(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> bool:
+    """Make every reader of ``old`` read ``new`` (which holds the same value); ``old``'s producer goes dead.
+
+    Readers in nested subgraphs are the same tensor objects and follow. When ``old`` is an output of
+    ``graph`` its name is part of the contract, so ``new``'s producer is made to produce ``old``
+    instead; that needs ``new`` to come from a node of this very graph and not be an input or output.
+    Returns False (and changes nothing) when the substitution is not possible.
+    """
+    if old is new:
+        return False
+    if any(o is old for o in graph.outputs):
+        if (isinstance(new, gs.Constant) or len(new.inputs) != 1 or any(t is new for t in graph.inputs)
+                or any(t is new for t in graph.outputs)):
+            return False
+        prod = new.inputs[0]
+        if not any(n is prod for n in graph.nodes):
+            return False  # produced in an enclosing scope
+        idx = next(i for i, t in enumerate(prod.outputs) if t is new)
+        if old.inputs:  # its old producer keeps its output arity (a placeholder nobody reads)
+            p = old.inputs[0]
+            j = next(i for i, t in enumerate(p.outputs) if t is old)
+            p.outputs[j] = gs.Variable(f"{old.name}__unused_{id(p):x}")
+        for reader in list(new.outputs):
+            for i, t in enumerate(reader.inputs):
+                if t is new:
+                    reader.inputs[i] = old
+        prod.outputs[idx] = old
+        return True
+    for reader in list(old.outputs):
+        for i, t in enumerate(reader.inputs):
+            if t is old:
+                reader.inputs[i] = new
+    return True
+
+
+def live_node_count(graph: gs.Graph) -> int:
+    return sum(len(g.nodes) for g in iter_graphs(graph))

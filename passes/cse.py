@@ -1,0 +1,161 @@
+"""cse: common-subexpression elimination.
+
+Constants with identical dtype, shape and bytes become one tensor (grouped by dtype and shape first,
+so only candidates are hashed). Then, in topological order, a node with the same op, domain,
+attributes and inputs (by identity) as an earlier node of the same graph is dropped and its readers
+read the earlier node's outputs; chains collapse in one sweep. Nondeterministic ops, nodes with
+subgraphs, custom-domain ops and model-local function bodies are left alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxslim.graph import NONDETERMINISTIC_OPS, has_subgraph, is_default_domain, is_graph_output, substitute
+from onnxslim.manager import Context, Pass, PassResult, register
+
+
+class _Unhashable(Exception):
+    pass
+
+
+def _const_bytes(c: gs.Constant) -> bytes | None:
+    vals = c._values
+    if isinstance(vals, gs.ir.tensor.SparseValues):
+        return None
+    if isinstance(vals, gs.ir.tensor.LazyValues):
+        t = vals.tensor
+        if t.raw_data:
+            return bytes(t.raw_data)
+    arr = np.asarray(c.values)
+    if arr.dtype.kind in "OUSV":
+        return None
+    return arr.tobytes()
+
+
+def _dtype_key(c: gs.Constant) -> str:
+    return str(c.dtype)
+
+
+def _attr_key(v: Any) -> Any:
+    if isinstance(v, gs.Graph):
+        raise _Unhashable
+    if isinstance(v, gs.Constant):
+        data = _const_bytes(v)
+        if data is None:
+            raise _Unhashable
+        return ("tensor", _dtype_key(v), tuple(v.shape), hashlib.sha1(data).hexdigest())
+    if isinstance(v, gs.Node.AttributeRef):
+        return ("ref", v.name)
+    if isinstance(v, float):
+        return ("f", struct.pack("<d", v))  # NaN attributes compare equal by bits
+    if isinstance(v, (list, tuple)):
+        return ("list", tuple(_attr_key(x) for x in v))
+    if isinstance(v, np.ndarray):
+        return ("arr", str(v.dtype), v.shape, v.tobytes())
+    return (type(v).__name__, repr(v))
+
+
+def _node_key(node: gs.Node) -> tuple | None:
+    try:
+        attrs = tuple(sorted((k, _attr_key(v)) for k, v in node.attrs.items()))
+    except _Unhashable:
+        return None
+    inputs = tuple(id(t) if t.name else "" for t in node.inputs)
+    outputs = tuple(bool(o.name) for o in node.outputs)
+    return (node.op, node.domain or "", attrs, inputs, outputs)
+
+
+def dedupe_constants(graphs: list[gs.Graph]) -> int:
+    """Merge constants with equal dtype, shape and bytes; returns how many were merged away."""
+    groups: dict[tuple, list[gs.Constant]] = {}
+    seen: set[int] = set()
+    readers: dict[int, list[gs.Node]] = {}
+    for g in graphs:
+        for n in g.nodes:
+            for t in n.inputs:
+                if isinstance(t, gs.Constant):
+                    readers.setdefault(id(t), []).append(n)
+                    if id(t) not in seen:
+                        seen.add(id(t))
+                        groups.setdefault((_dtype_key(t), tuple(t.shape)), []).append(t)
+    merged = 0
+    for consts in groups.values():
+        if len(consts) < 2:
+            continue
+        by_hash: dict[tuple[str, int], tuple[gs.Constant, bytes]] = {}
+        for c in consts:
+            data = _const_bytes(c)
+            if data is None:
+                continue
+            key = (hashlib.sha1(data).hexdigest(), len(data))
+            first = by_hash.get(key)
+            if first is None:
+                by_hash[key] = (c, data)
+                continue
+            if first[1] != data:  # a hash collision: keep both
+                continue
+            for n in readers.get(id(c), []):
+                for i, t in enumerate(n.inputs):
+                    if t is c:
+                        n.inputs[i] = first[0]
+            merged += 1
+    return merged
+
+
+def _graphs(graph: gs.Graph) -> list[gs.Graph]:
+    out, stack = [], [graph]
+    while stack:
+        g = stack.pop(0)
+        out.append(g)
+        for n in g.nodes:
+            for a in n.attrs.values():
+                stack.extend(x for x in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(x, gs.Graph))
+    return out
+
+
+def dedupe_nodes(g: gs.Graph) -> int:
+    first: dict[tuple, gs.Node] = {}
+    merged = 0
+    for node in list(g.nodes):
+        if (not node.outputs or not is_default_domain(node) or node.op in NONDETERMINISTIC_OPS
+                or has_subgraph(node)):
+            continue
+        key = _node_key(node)
+        if key is None:
+            continue
+        keep = first.get(key)
+        if keep is None or keep is node:
+            first[key] = node
+            continue
+        pairs = [(d, k) for d, k in zip(node.outputs, keep.outputs) if d.name]
+        if any(is_graph_output(g, d) and is_graph_output(g, k) for d, k in pairs):
+            continue
+        if any(is_graph_output(g, d) and (isinstance(k, gs.Constant) or any(k is t for t in g.inputs)) for d, k in pairs):
+            continue
+        for d, k in pairs:
+            substitute(g, d, k)
+        merged += 1
+    return merged
+
+
+@register
+class CommonSubexpressionElimination(Pass):
+    name = "cse"
+    description = "Merge identical nodes (same op, attributes and inputs) and identical constant tensors"
+    lossless = True
+
+    def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
+        graphs = _graphs(graph)  # model-local function bodies are not touched
+        consts = dedupe_constants(graphs)
+        nodes = 0
+        for g in graphs:
+            nodes += dedupe_nodes(g)
+        if consts or nodes:
+            graph.cleanup(remove_unused_graph_inputs=False)
+        return PassResult(changed=bool(consts or nodes), stats={"constants_merged": consts, "nodes_merged": nodes})

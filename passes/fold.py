@@ -1,0 +1,361 @@
+"""fold: evaluate nodes whose inputs are all constants once and store their outputs as initializers.
+
+Also: Constant nodes become initializers, and Shape/Size of a tensor with a fully static shape become
+constants (so Shape->Gather->Concat->Reshape chains fold). Each node is evaluated on its own in onnxruntime (onnx's reference
+evaluator when onnxruntime has no kernel for it).
+
+Size limit: the output size is computed BEFORE evaluating (onnx shape inference on the one-node
+model, with the small inputs as initializers), so ConstantOfShape/Expand/Tile/Range bombs are never
+materialized. A node folds when its outputs are no larger than its inputs, or when they stay under
+``fold_size_limit`` (default 4 MiB) and under max(256 KiB, 16 x inputs); otherwise it stays.
+
+Never folded: nondeterministic ops, custom domains, nodes with subgraphs, nodes inside model-local
+functions, DequantizeLinear (it would undo weight quantization). An If with a constant condition is
+not inlined either: its branches may hide shapes that onnxruntime accepts at run time but rejects once
+they are visible at load time (onnx's AffineGrid function body feeds a [1] tensor to Range that way).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+from onnxslim.errors import InputError
+from onnxslim.graph import (NONDETERMINISTIC_OPS, const_value, has_subgraph, is_default_domain, is_tensor,
+                            static_shape)
+from onnxslim.manager import Context, Pass, PassResult, register
+
+DEFAULT_SIZE_LIMIT = 4 << 20
+SMALL_GROWTH = 256 << 10
+GROWTH_FACTOR = 16
+# Inputs up to this many elements are given to shape inference as values (shapes, axes, repeats...).
+VALUE_ELEMENTS = 4096
+SKIP_OPS = NONDETERMINISTIC_OPS | {"DequantizeLinear", "Dropout", "Constant"}
+# Outputs whose size shape inference cannot know but which never exceed (a multiple of) the input size.
+BOUNDED_OPS = {"NonZero": "rank", "Unique": 1, "Compress": 1}
+FOLDABLE_DTYPES = {np.dtype(t) for t in (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32,
+                                         np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.bool_)}
+
+
+def parse_size(value: Any) -> int:
+    """``4194304``, ``"4MB"``, ``"512k"``, ``"1.5GiB"`` -> bytes."""
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]?)(i?[bB])?\s*", str(value))
+    if not m:
+        raise InputError(f"--fold-size-limit '{value}': expected a size such as 4194304, 4MB or 512KB")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def _nbytes(t: gs.Tensor) -> int | None:
+    shape = static_shape(t)
+    if shape is None or t.dtype is None:
+        return None
+    try:
+        return int(np.prod(shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize
+    except TypeError:
+        return None
+
+
+def _dtype_ok(t: gs.Tensor) -> bool:
+    try:
+        return t.dtype is not None and np.dtype(t.dtype) in FOLDABLE_DTYPES
+    except TypeError:
+        return False
+
+
+def _constant_attr_value(node: gs.Node) -> Any:
+    """The value of a Constant node as gs values (LazyValues stay lazy), or None if not a plain tensor."""
+    a = node.attrs
+    if isinstance(a.get("value"), gs.Constant):
+        c = a["value"]
+        return c._values if not isinstance(c._values, gs.ir.tensor.SparseValues) else None
+    if "value_float" in a:
+        return np.array(a["value_float"], dtype=np.float32)
+    if "value_floats" in a:
+        return np.array(list(a["value_floats"]), dtype=np.float32)
+    if "value_int" in a:
+        return np.array(a["value_int"], dtype=np.int64)
+    if "value_ints" in a:
+        return np.array(list(a["value_ints"]), dtype=np.int64)
+    return None
+
+
+class _Evaluator:
+    """Runs one node on constant inputs; knows its output sizes before running it."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.opsets = [onnx.helper.make_opsetid(d.domain, d.version) for d in (graph.import_domains or [])]
+        if not any(o.domain in ("", "ai.onnx") for o in self.opsets):
+            self.opsets.append(onnx.helper.make_opsetid("", int(graph.opset)))
+        self.ir = int(graph.ir_version or 8)
+        self._so = None
+
+    def _model(self, node: gs.Node, inputs: dict[str, gs.Tensor], values: dict[str, np.ndarray],
+               out_types: list[int] | None) -> onnx.ModelProto:
+        proto = OnnxExporter.export_node(node)
+        graph_inputs, inits = [], []
+        for name, t in inputs.items():
+            if name in values:
+                inits.append(onnx.numpy_helper.from_array(values[name], name))
+            else:
+                graph_inputs.append(onnx.helper.make_tensor_value_info(
+                    name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)), list(static_shape(t))))
+        outs = []
+        for i, o in enumerate(node.outputs):
+            if not o.name:
+                continue
+            elem = out_types[i] if out_types else 0
+            outs.append(onnx.helper.make_tensor_value_info(o.name, elem, None) if elem
+                        else onnx.helper.make_empty_tensor_value_info(o.name))
+        g = onnx.helper.make_graph([proto], "fold", graph_inputs, outs, initializer=inits)
+        return onnx.helper.make_model(g, opset_imports=self.opsets, ir_version=max(self.ir, 4) if inits else self.ir)
+
+    def output_info(self, node: gs.Node, inputs: dict[str, gs.Tensor]) -> list[tuple[int, tuple[int, ...] | None]] | None:
+        """(elem type, static shape or None) per output, from shape inference; small inputs given by value."""
+        values = {}
+        for name, t in inputs.items():
+            shape = static_shape(t)
+            if shape is not None and int(np.prod(shape, dtype=np.int64)) <= VALUE_ELEMENTS:
+                values[name] = np.asarray(const_value(t))
+        try:
+            model = self._model(node, inputs, values, None)
+            inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+        except Exception:  # noqa: BLE001 - unknown sizes: the node is simply not folded
+            return None
+        info = []
+        by_name = {o.name: o for o in inferred.graph.output}
+        for o in node.outputs:
+            vi = by_name.get(o.name)
+            if vi is None or not vi.type.HasField("tensor_type"):
+                info.append((0, None))
+                continue
+            tt = vi.type.tensor_type
+            shape = None
+            if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+                shape = tuple(int(d.dim_value) for d in tt.shape.dim)
+            info.append((tt.elem_type, shape))
+        return info
+
+    def run(self, node: gs.Node, inputs: dict[str, gs.Tensor], out_types: list[int]) -> list[np.ndarray] | None:
+        feeds = {name: np.asarray(const_value(t)) for name, t in inputs.items()}
+        model = self._model(node, inputs, {}, out_types)
+        names = [o.name for o in node.outputs if o.name]
+        try:
+            import onnxruntime as ort
+
+            if self._so is None:
+                so = ort.SessionOptions()
+                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                so.intra_op_num_threads = 1
+                so.inter_op_num_threads = 1
+                so.log_severity_level = 4
+                self._so = so
+            try:
+                sess = ort.InferenceSession(model.SerializeToString(), self._so, providers=["CPUExecutionProvider"])
+            except Exception:  # noqa: BLE001 - no kernel for this op/type: onnx's reference evaluator may have one
+                return self._reference(model, names, feeds)
+            outs = sess.run(names, feeds)
+        except Exception:  # noqa: BLE001 - the node fails on these inputs: leave it, the model keeps its behaviour
+            return None
+        return outs
+
+    @staticmethod
+    def _reference(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray] | None:
+        try:
+            from onnx.reference import ReferenceEvaluator
+
+            return list(ReferenceEvaluator(model).run(names, feeds))
+        except Exception:  # noqa: BLE001
+            return None
+
+
+def _set_constant(g: gs.Graph, node: gs.Node, out: gs.Tensor, values: Any) -> None:
+    """``out`` (an output of ``node``) now holds ``values``: an initializer, or a Constant node for graph outputs."""
+    if any(o is out for o in g.outputs):
+        idx = next(i for i, t in enumerate(node.outputs) if t is out)
+        node.outputs[idx] = gs.Variable(f"{out.name}__folded_{id(node):x}")
+        g.nodes.append(gs.Node("Constant", name=f"{out.name}__const", attrs={"value": gs.Constant(f"{out.name}__value", values)},
+                               outputs=[out]))
+        return
+    out.inputs.clear()
+    out.to_constant(values)
+
+
+class _Folder:
+    def __init__(self, graph: gs.Graph, ctx: Context) -> None:
+        self.ev = _Evaluator(graph)
+        self.limit = parse_size(ctx.option("fold_size_limit", DEFAULT_SIZE_LIMIT))
+        self.stats = {"nodes_folded": 0, "constants_to_initializers": 0, "shapes_folded": 0,
+                      "left_by_size_limit": 0, "bytes_added": 0}
+        self.notes: list[str] = []
+        self.protected: set[int] = set()
+
+    def allowed(self, in_bytes: int, out_bytes: int) -> bool:
+        if out_bytes <= in_bytes:
+            return True
+        return out_bytes <= min(self.limit, max(SMALL_GROWTH, GROWTH_FACTOR * in_bytes))
+
+    def protect_if_conditions(self, graphs: list[gs.Graph]) -> None:
+        """Nodes that compute an If condition stay as they are. A constant condition makes onnxruntime
+        inline the branch at load time, exposing shapes its checks reject although the model runs
+        (onnx's own AffineGrid function body does this)."""
+        stack = [n.inputs[0] for g in graphs for n in g.nodes if n.op == "If" and n.inputs and is_default_domain(n)]
+        while stack:
+            t = stack.pop()
+            for p in t.inputs:
+                if id(p) not in self.protected:
+                    self.protected.add(id(p))
+                    stack.extend(p.inputs)
+
+    def fold_graph(self, g: gs.Graph) -> None:
+        for node in list(g.nodes):
+            if not node.outputs or not is_default_domain(node) or (id(node) in self.protected and node.op != "Constant"):
+                continue
+            try:
+                if node.op == "Constant":
+                    self.constant_node(g, node)
+                elif node.op in ("Shape", "Size"):
+                    self.shape_node(g, node)
+                else:
+                    self.generic(g, node)
+            except InputError:
+                raise
+            except Exception as e:  # noqa: BLE001 - one node we could not fold is not a reason to stop
+                self.notes.append(f"{node.op} '{node.name}' not folded ({type(e).__name__}: {str(e)[:120]})")
+
+    def live(self, g: gs.Graph, node: gs.Node) -> bool:
+        return any(o.outputs or any(o is x for x in g.outputs) for o in node.outputs if o.name)
+
+    def constant_node(self, g: gs.Graph, node: gs.Node) -> None:
+        out = node.outputs[0]
+        if len(node.outputs) != 1 or any(out is o for o in g.outputs) or not out.outputs:
+            return
+        values = _constant_attr_value(node)
+        if values is None:
+            return
+        out.inputs.clear()
+        out.to_constant(values)
+        self.stats["constants_to_initializers"] += 1
+
+    def shape_node(self, g: gs.Graph, node: gs.Node) -> None:
+        if not node.inputs or not self.live(g, node):
+            return
+        shape = static_shape(node.inputs[0])
+        if shape is None:
+            return
+        if node.op == "Size":
+            value = np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
+        else:
+            start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
+            value = np.array(shape[start:None if end is None else int(end)], dtype=np.int64)
+        _set_constant(g, node, node.outputs[0], value)
+        self.stats["shapes_folded"] += 1
+
+    def generic(self, g: gs.Graph, node: gs.Node) -> None:
+        if node.op in SKIP_OPS or has_subgraph(node) or not node.inputs or not self.live(g, node):
+            return
+        if any(isinstance(v, gs.Node.AttributeRef) for v in node.attrs.values()):
+            return
+        try:
+            onnx.defs.get_schema(node.op, int(g.opset), node.domain or "")
+        except Exception:  # noqa: BLE001 - no schema: not a standard op (e.g. a model-local function)
+            return
+        inputs: dict[str, gs.Tensor] = {}
+        for t in node.inputs:
+            if not t.name:
+                continue
+            if not isinstance(t, gs.Constant) and const_value(t) is None:
+                return
+            if not is_tensor(t) or not _dtype_ok(t) or static_shape(t) is None:
+                return
+            inputs[t.name] = t
+        if not inputs:
+            return
+        info = self.ev.output_info(node, inputs)
+        if info is None or len(info) != len(node.outputs):
+            return
+        in_bytes = sum(_nbytes(t) or 0 for t in inputs.values())
+        out_bytes = 0
+        for (elem, shape), o in zip(info, node.outputs):
+            if not o.name:
+                continue
+            try:
+                itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)).itemsize if elem else 0
+            except (KeyError, TypeError, ValueError):
+                return
+            if not itemsize or np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)) not in FOLDABLE_DTYPES:
+                return
+            if shape is None:
+                bound = BOUNDED_OPS.get(node.op)
+                if bound is None:
+                    self.skip(node, "its output size is unknown before evaluation")
+                    return
+                first = node.inputs[0]
+                n = int(np.prod(static_shape(first), dtype=np.int64))
+                n *= len(static_shape(first)) if bound == "rank" else bound
+                out_bytes += n * 8
+            else:
+                out_bytes += int(np.prod(shape, dtype=np.int64)) * itemsize
+        if not self.allowed(in_bytes, out_bytes):
+            self.skip(node, f"its output ({out_bytes:,} bytes) would exceed the fold size limit")
+            return
+        outs = self.ev.run(node, inputs, [e for e, _ in info])
+        named = [o for o in node.outputs if o.name]
+        if outs is None or len(outs) != len(named):
+            return
+        for o, v in zip(named, outs):
+            if not isinstance(v, np.ndarray) or v.dtype not in FOLDABLE_DTYPES:
+                return
+        if sum(v.nbytes for v in outs) > max(out_bytes, in_bytes):
+            return  # shape inference was wrong about the size: trust neither
+        for o, v in zip(named, outs):
+            _set_constant(g, node, o, np.array(v, order="C"))  # not ascontiguousarray: it makes 0-d arrays 1-d
+        self.stats["nodes_folded"] += 1
+        self.stats["bytes_added"] += int(sum(v.nbytes for v in outs))
+
+    def skip(self, node: gs.Node, why: str) -> None:
+        self.stats["left_by_size_limit"] += 1
+        if len(self.notes) < 20:
+            self.notes.append(f"{node.op} '{node.name or node.outputs[0].name}' left in place: {why}")
+
+
+def _graphs(graph: gs.Graph) -> list[gs.Graph]:
+    """The main graph and its If/Loop/Scan bodies, parents first; not model-local function bodies."""
+    out, stack = [], [graph]
+    while stack:
+        g = stack.pop(0)
+        out.append(g)
+        for n in g.nodes:
+            for a in n.attrs.values():
+                stack.extend(x for x in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(x, gs.Graph))
+    return out
+
+
+@register
+class ConstantFolding(Pass):
+    name = "fold"
+    description = ("Evaluate constant subgraphs once (size-limited, --fold-size-limit), fold static Shape/Size, "
+                   "Constant nodes to initializers")
+    lossless = True
+
+    def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
+        folder = _Folder(graph, ctx)
+        try:
+            graph.toposort()
+        except Exception as e:  # noqa: BLE001 - a cycle: evaluation order is undefined, fold nothing
+            return PassResult(changed=False, notes=[f"not folded: graph is not a DAG ({type(e).__name__})"])
+        graphs = _graphs(graph)
+        folder.protect_if_conditions(graphs)
+        for g in graphs:
+            folder.fold_graph(g)
+        graph.cleanup(remove_unused_graph_inputs=False)
+        s = folder.stats
+        changed = any(s[k] for k in ("nodes_folded", "constants_to_initializers", "shapes_folded"))
+        return PassResult(changed=changed, stats=dict(s), notes=folder.notes)
