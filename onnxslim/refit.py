@@ -1,0 +1,306 @@
+"""Least-squares refit of the layers that lost input channels (the reconstruction step of ThiNet and of
+He et al. 2017, "Channel Pruning for Accelerating Very Deep Neural Networks").
+
+For every consumer layer L whose input channels were pruned: X' = L's input in the *pruned* model
+(so the error of earlier layers is seen and compensated), Y = L's output in the *original* model
+(the teacher), restricted to L's kept output channels. New weights W (and bias b) minimize
+
+    ||X' W + b - Y||^2 + lam ||W - W0||^2
+
+over calibration data: a ridge pulled toward the pruned weights W0 rather than toward zero, so a
+layer seen on few rows stays close to what it was. Memory is bounded: X'^T X' and X'^T Y are
+accumulated over calibration batches and a capped random sample of rows (conv output positions),
+never the whole design matrix. Layers are refit in dependency order, in levels: the layers of one
+level do not feed each other, so one run of the pruned model serves all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import ModelProto
+
+from onnxslim.calibration import CalibrationData
+from onnxslim.channels import Analysis, keep_positions
+from onnxslim.graph import const_value, to_proto
+
+DEFAULT_RIDGE = 1e-2
+DEFAULT_MAX_ROWS = 40000
+ROWS_PER_FEATURE = 16  # rows sampled per input feature: enough for a well-posed fit, cheap to accumulate
+
+
+@dataclass
+class LayerFit:
+    name: str
+    op: str
+    rows: int
+    inputs: int  # columns of the design matrix (input features, plus 1 for a bias)
+    error_before: float  # relative reconstruction error sqrt(|XW0+b0-Y|^2 / |Y|^2) with the pruned weights
+    error_after: float
+    skipped: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Layer:
+    node: gs.Node
+    out_keep: np.ndarray | None  # kept output positions of the original output (None: all)
+    bias_add: tuple[gs.Node, int] | None = None  # MatMul: the Add holding its bias, and which input
+    A: np.ndarray | None = None
+    B: np.ndarray | None = None
+    yy: float = 0.0
+    rows: int = 0
+
+    @property
+    def features(self) -> int:
+        w = const_value(self.node.inputs[1])
+        return int(np.prod(w.shape[1:])) if self.node.op == "Conv" else int(w.shape[0])
+
+
+def _with_outputs(model: ModelProto, names: list[str]) -> ModelProto:
+    m = ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+            have.add(n)
+    return m
+
+
+def _conv_geometry(node: gs.Node, w: np.ndarray, x_shape: tuple, y_shape: tuple) -> tuple:
+    kh, kw = int(w.shape[2]), int(w.shape[3])
+    sh, sw = [int(s) for s in node.attrs.get("strides", [1, 1])]
+    dh, dw = [int(d) for d in node.attrs.get("dilations", [1, 1])]
+    auto = node.attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto, bytes):
+        auto = auto.decode()
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = []
+        for size, k, s, d, out in ((x_shape[2], kh, sh, dh, y_shape[2]), (x_shape[3], kw, sw, dw, y_shape[3])):
+            total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+            pads.append((total // 2, total - total // 2) if auto == "SAME_UPPER" else (total - total // 2, total // 2))
+        (pt, pb), (pl, pr) = pads
+    elif auto == "VALID":
+        pt = pb = pl = pr = 0
+    else:
+        pt, pl, pb, pr = [int(p) for p in node.attrs.get("pads", [0, 0, 0, 0])]
+    return kh, kw, sh, sw, dh, dw, pt, pb, pl, pr
+
+
+def _conv_rows(node: gs.Node, w: np.ndarray, x: np.ndarray, y: np.ndarray, n_rows: int,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Sampled im2col rows of ``x`` and the matching output positions of ``y`` ([rows, C*kh*kw], [rows, Cout])."""
+    kh, kw, sh, sw, dh, dw, pt, pb, pl, pr = _conv_geometry(node, w, x.shape, y.shape)
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    b, _, ho, wo = y.shape
+    total = b * ho * wo
+    idx = rng.choice(total, n_rows, replace=False) if n_rows < total else np.arange(total)
+    bi, rem = np.divmod(idx, ho * wo)
+    ii, jj = np.divmod(rem, wo)
+    cols = [xp[bi, :, ii * sh + ki * dh, jj * sw + kj * dw] for ki in range(kh) for kj in range(kw)]
+    patches = np.stack(cols, axis=-1).reshape(len(idx), -1)  # channel-major, then kernel position: W's order
+    return patches, y[bi, :, ii, jj]
+
+
+def _bias_add(node: gs.Node, graph: gs.Graph) -> tuple[gs.Node, int] | None:
+    """The Add that alone reads a MatMul's output and adds a constant along the last axis."""
+    out = node.outputs[0]
+    if len(out.outputs) != 1 or any(o is out for o in graph.outputs) or out.outputs[0].op != "Add":
+        return None
+    add = out.outputs[0]
+    for k, t in enumerate(add.inputs):
+        if t is out:
+            continue
+        v = const_value(t)
+        if v is not None and np.asarray(v).dtype.kind == "f" and (v.ndim <= 1 or all(d == 1 for d in v.shape[:-1])):
+            return add, k
+    return None
+
+
+def _current(layer: _Layer) -> tuple[np.ndarray, np.ndarray | None]:
+    """The layer's weights as a [features, outputs] matrix and its bias vector (None: no place for one)."""
+    node = layer.node
+    w = np.asarray(const_value(node.inputs[1]), np.float64)
+    if node.op == "Conv":
+        cout = w.shape[0]
+        mat = w.reshape(cout, -1).T
+        b = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+        return mat, (np.zeros(cout) if b is None else np.asarray(b, np.float64).reshape(-1))
+    if node.op == "Gemm":
+        alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+        mat = (w.T if int(node.attrs.get("transB", 0)) else w) * alpha
+        n = mat.shape[1]
+        c = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+        b = np.zeros(n) if c is None else np.broadcast_to(np.asarray(c, np.float64) * beta, (1, n)).reshape(-1)
+        return mat, b.copy()
+    # MatMul: the fitted intercept is added to the following Add's constant
+    return w, (np.zeros(w.shape[1]) if layer.bias_add is not None else None)
+
+
+def _write(layer: _Layer, mat: np.ndarray, bias: np.ndarray | None, tag: str) -> None:
+    node = layer.node
+    w0 = np.asarray(const_value(node.inputs[1]))
+    dt = w0.dtype
+    name = node.inputs[1].name
+    if node.op == "Conv":
+        node.inputs[1] = gs.Constant(f"{name}_{tag}", mat.T.reshape(w0.shape).astype(dt))
+        bname = f"{node.name or 'conv'}_bias_{tag}"
+        bt = gs.Constant(bname, bias.astype(dt))
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            node.inputs[2] = bt
+        else:
+            while len(node.inputs) < 2:
+                node.inputs.append(gs.Variable.empty())
+            if len(node.inputs) == 2:
+                node.inputs.append(bt)
+            else:
+                node.inputs[2] = bt
+        return
+    if node.op == "Gemm":
+        alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+        m = mat / alpha
+        node.inputs[1] = gs.Constant(f"{name}_{tag}", (m.T if int(node.attrs.get("transB", 0)) else m).astype(dt))
+        if beta == 0.0:
+            node.attrs["beta"] = beta = 1.0
+        c = gs.Constant(f"{node.name or 'gemm'}_bias_{tag}", (bias / beta).astype(dt))
+        if len(node.inputs) > 2:
+            node.inputs[2] = c
+        else:
+            node.inputs.append(c)
+        return
+    node.inputs[1] = gs.Constant(f"{name}_{tag}", mat.astype(dt))
+    if bias is not None and layer.bias_add is not None:
+        add, k = layer.bias_add
+        old = np.asarray(const_value(add.inputs[k]))
+        new = np.broadcast_to(old.astype(np.float64), old.shape[:-1] + (len(bias),)) + bias.reshape(
+            (1,) * (max(old.ndim, 1) - 1) + (-1,))
+        add.inputs[k] = gs.Constant(f"{add.inputs[k].name}_{tag}", new.astype(old.dtype))
+
+
+def refit_layers(graph: gs.Graph, nodes: dict[int, gs.Node], an: Analysis, keep: np.ndarray,
+                 original: ModelProto, template: ModelProto, calib: CalibrationData, *, batch: int = 64,
+                 ridge: float = DEFAULT_RIDGE, max_rows: int = DEFAULT_MAX_ROWS, seed: int = 0,
+                 progress: Callable[[str], None] = lambda m: None) -> list[LayerFit]:
+    """Refit, in place on the pruned ``graph``, every consumer that lost input channels (see module doc)."""
+    from onnxslim.runtime import make_session
+
+    rng = np.random.default_rng(seed)
+    fits: list[LayerFit] = []
+    layers: list[_Layer] = []
+    for c in an.consumers:
+        if keep_positions(c.ids, keep).all():
+            continue
+        node = nodes[c.node]
+        if node.op == "ConvTranspose" or (node.op == "Conv" and np.asarray(const_value(node.inputs[1])).ndim != 4):
+            fits.append(LayerFit(node.name, node.op, 0, 0, float("nan"), float("nan"),
+                                 skipped="only 2-D Conv, Gemm and MatMul are refit"))
+            continue
+        if node.op == "Gemm" and int(node.attrs.get("transA", 0)):
+            fits.append(LayerFit(node.name, node.op, 0, 0, float("nan"), float("nan"), skipped="transA"))
+            continue
+        out_keep = keep_positions(c.out_ids, keep) if c.out_ids is not None else None
+        layer = _Layer(node, out_keep)
+        if node.op == "MatMul":
+            layer.bias_add = _bias_add(node, graph)
+        layers.append(layer)
+    if not layers:
+        return fits
+
+    # Levels: a layer waits for every refit layer upstream of it.
+    producer_of = {id(t): n for n in graph.nodes for t in n.outputs}
+    index_of = {id(layer.node): k for k, layer in enumerate(layers)}
+    upstream: dict[int, set[int]] = {}
+    for k, layer in enumerate(layers):
+        seen: set[int] = set()
+        found: set[int] = set()
+        stack = [t for t in layer.node.inputs[:1]]
+        while stack:
+            t = stack.pop()
+            p = producer_of.get(id(t))
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if id(p) in index_of:
+                found.add(index_of[id(p)])
+            stack.extend(p.inputs)
+        upstream[k] = found
+    level = {}
+    for k in range(len(layers)):  # consumers come in topological order, so upstream levels are known
+        level[k] = 1 + max((level[u] for u in upstream[k] if u in level), default=-1)
+    n_levels = max(level.values()) + 1
+    n_batches = max(1, -(-calib.size // batch))
+
+    for lv in range(n_levels):
+        todo = [layers[k] for k in range(len(layers)) if level[k] == lv]
+        progress(f"prune: refit {sum(1 for k in level if level[k] < lv)}/{len(layers)} layers")
+        pruned = _with_outputs(to_proto(graph, template), [la.node.inputs[0].name for la in todo])
+        teacher = _with_outputs(original, [la.node.outputs[0].name for la in todo])
+        sp, so = make_session(pruned), make_session(teacher)
+        p_names = [o.name for o in sp.get_outputs()]
+        o_names = [o.name for o in so.get_outputs()]
+        for feeds in calib.batches(batch):
+            px = dict(zip(p_names, sp.run(p_names, feeds)))
+            oy = dict(zip(o_names, so.run(o_names, feeds)))
+            for la in todo:
+                rows_per_batch = max(64, min(max_rows, max(4096, ROWS_PER_FEATURE * la.features)) // n_batches)
+                x = np.asarray(px[la.node.inputs[0].name], np.float32)
+                y = np.asarray(oy[la.node.outputs[0].name], np.float32)
+                if la.out_keep is not None:
+                    y = np.compress(la.out_keep, y, axis=1 if la.node.op in ("Conv", "Gemm") else y.ndim - 1)
+                if la.node.op == "Conv":
+                    w = np.asarray(const_value(la.node.inputs[1]))
+                    xr, yr = _conv_rows(la.node, w, x, y, rows_per_batch, rng)
+                else:
+                    xr, yr = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+                    if len(xr) > rows_per_batch:
+                        pick = rng.choice(len(xr), rows_per_batch, replace=False)
+                        xr, yr = xr[pick], yr[pick]
+                # float32 products per batch (half the time), summed across batches in float64
+                xr = np.concatenate([xr, np.ones((len(xr), 1))], axis=1).astype(np.float32)
+                yr = yr.astype(np.float32)
+                a, b = (xr.T @ xr).astype(np.float64), (xr.T @ yr).astype(np.float64)
+                la.A = a if la.A is None else la.A + a
+                la.B = b if la.B is None else la.B + b
+                la.yy += float(np.square(yr, dtype=np.float64).sum())
+                la.rows += len(xr)
+        del sp, so
+        for la in todo:
+            fits.append(_solve(la, ridge, tag=f"refit{lv}"))
+            la.A = la.B = None
+    return fits
+
+
+def _solve(la: _Layer, ridge: float, tag: str) -> LayerFit:
+    mat0, b0 = _current(la)
+    has_bias = b0 is not None
+    A, B = la.A, la.B
+    if not has_bias:  # no place for an intercept: drop its row and column
+        A, B = A[:-1, :-1], B[:-1]
+    w0 = np.vstack([mat0, b0[None, :]]) if has_bias else mat0
+    d = mat0.shape[0]
+
+    def err(w: np.ndarray) -> float:
+        e = float(np.einsum("ij,ij->", w, A @ w) - 2 * np.einsum("ij,ij->", w, B) + la.yy)
+        return float(np.sqrt(max(e, 0.0) / la.yy)) if la.yy > 0 else 0.0
+
+    before = err(w0)
+    lam = ridge * float(np.trace(A[:d, :d])) / max(d, 1)
+    reg = np.zeros(A.shape[0])
+    reg[:d] = lam  # the bias is not pulled back: it absorbs the mean of what the removed channels carried
+    try:
+        w = np.linalg.solve(A + np.diag(reg), B + reg[:, None] * w0)
+    except np.linalg.LinAlgError:
+        w = np.linalg.lstsq(A + np.diag(reg), B + reg[:, None] * w0, rcond=None)[0]
+    after = err(w)
+    name = la.node.name or la.node.op
+    if not np.all(np.isfinite(w)) or after > before:
+        return LayerFit(name, la.node.op, la.rows, A.shape[0], before, before, skipped="no improvement")
+    _write(la, w[:d], w[d] if has_bias else None, tag)
+    return LayerFit(name, la.node.op, la.rows, A.shape[0], before, after)

@@ -1,0 +1,192 @@
+"""Pruning sensitivity: how much each group's pruning moves the outputs, and per-group ratios for a target.
+
+``measure`` prunes one group at a time at each ratio (no refit: it ranks groups, cheaply) and records
+the output drift against the original on calibration data (mean per-sample cosine, the worst output;
+accuracy too when labels exist) and the parameters/MACs that ratio removes. ``allocate`` turns that into
+one ratio per group for a global target (``params=0.5``: remove half the parameters) with the least
+summed drift: a Lagrangian sweep (minimize drift - lam * saving per group, bisect lam until the real
+joint reduction, computed on the pruned graph's shapes, reaches the target).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from onnx import ModelProto
+
+from onnxslim import channels as ch
+from onnxslim.calibration import CalibrationData
+
+RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+MAX_SAMPLES = 256
+
+
+def _run(model: ModelProto, calib: CalibrationData, batch: int) -> list[np.ndarray]:
+    from onnxslim.runtime import make_session
+
+    sess = make_session(model)
+    names = [o.name for o in sess.get_outputs()]
+    parts = [sess.run(names, feeds) for feeds in calib.batches(batch)]
+    return [np.concatenate([p[k] for p in parts]) for k in range(len(names))]
+
+
+def _metrics(ref: list[np.ndarray], out: list[np.ndarray], labels: np.ndarray | None) -> dict[str, float | None]:
+    from onnxslim.validate import accuracy, output_metrics
+
+    cos = min(output_metrics(str(k), a, b, 0, 0).cosine for k, (a, b) in enumerate(zip(ref, out)))
+    acc = accuracy(out[0], labels) if labels is not None else None
+    return {"cosine": float(cos), "drift": float(1.0 - cos), "accuracy": acc}
+
+
+def measure(model: ModelProto, calib: CalibrationData, *, an: ch.Analysis | None = None,
+            imp: np.ndarray | None = None, ratios: tuple[float, ...] = RATIOS, importance: str = "l1",
+            round_to: int = ch.DEFAULT_ROUND_TO, min_channels: int = 1, batch: int = 64,
+            max_samples: int = MAX_SAMPLES, progress=lambda m: None) -> dict[str, Any]:
+    """Per group and ratio: channels kept, drift, accuracy, params/MACs removed (see module doc)."""
+    if an is None:
+        an = ch.analyze(ch.traced_graph(model))
+    if imp is None:
+        imp = ch.importance(an, importance)
+    data = calib.subset(min(calib.size, max_samples))
+    ref = _run(model, data, batch)
+    labels = data.labels if data.measured else None
+    base = ch.cost(an)
+    result: dict[str, Any] = {
+        "samples": data.size, "ratios": list(ratios), "round_to": round_to, "importance": importance,
+        "params": base.params, "macs": base.macs,
+        "accuracy": _metrics(ref, ref, labels)["accuracy"] if labels is not None else None, "groups": [],
+    }
+    prunable = [g for g in an.groups if g.prunable]
+    for gi, g in enumerate(an.groups):
+        row: dict[str, Any] = {"group": g.id, "layers": [an.sources[s].name or an.sources[s].op for s in g.sources],
+                               "channels": g.channels, "skipped": "; ".join(g.reasons) if g.reasons else None,
+                               "points": []}
+        none = np.ones(an.n_atoms, bool)
+        for u in g.units:
+            none[u] = False
+        whole = ch.cost(an, none)
+        row["params_share"] = (base.params - whole.params) / base.params if base.params else 0.0
+        row["macs_share"] = (base.macs - whole.macs) / base.macs if base.macs else 0.0
+        if g.prunable:
+            progress(f"sensitivity: group {prunable.index(g) + 1}/{len(prunable)}")
+            last_keep, last = None, None
+            for r in ratios:
+                keep = ch.plan(an, {g.id: r}, imp, round_to=round_to, min_channels=min_channels)
+                if last_keep is not None and np.array_equal(keep, last_keep):
+                    m = dict(last)
+                else:
+                    graph, _ = ch.pruned_copy(an, keep)
+                    from onnxslim.graph import to_proto
+
+                    m = _metrics(ref, _run(to_proto(graph, model), data, batch), labels)
+                c = ch.cost(an, keep)
+                m.update({"ratio": r, "kept": int(sum(bool(keep[u[0]]) for u in g.units)),
+                          "params_removed": (base.params - c.params) / base.params if base.params else 0.0,
+                          "macs_removed": (base.macs - c.macs) / base.macs if base.macs else 0.0})
+                row["points"].append(m)
+                last_keep, last = keep, m
+        result["groups"].append(row)
+    return result
+
+
+def allocate(sens: dict[str, Any], an: ch.Analysis, imp: np.ndarray, kind: str, fraction: float, *,
+             round_to: int = ch.DEFAULT_ROUND_TO, min_channels: int = 1) -> tuple[dict[str, float], float]:
+    """Per-group ratios removing ``fraction`` of ``kind`` ("params" or "macs") with the least summed drift.
+    Returns the ratios and the fraction actually removed."""
+    key = f"{kind}_removed"
+    base = getattr(ch.cost(an), kind)
+    options: dict[str, list[tuple[float, float, float]]] = {}
+    for row in sens["groups"]:
+        if not row["points"]:
+            continue
+        pts = [(0.0, 0.0, 0.0)]
+        worst = 0.0
+        for p in row["points"]:
+            worst = max(worst, p["drift"])  # drift never decreases with the ratio: smooths noise
+            pts.append((p["ratio"], worst, p[key]))
+        options[row["group"]] = pts
+
+    def choose(lam: float) -> dict[str, float]:
+        return {g: min(pts, key=lambda o: (o[1] - lam * o[2], o[0]))[0] for g, pts in options.items()}
+
+    def reached(ratios: dict[str, float]) -> float:
+        keep = ch.plan(an, ratios, imp, round_to=round_to, min_channels=min_channels)
+        return (base - getattr(ch.cost(an, keep), kind)) / base if base else 0.0
+
+    hi = 1.0
+    while reached(choose(hi)) < fraction and hi < 1e12:
+        hi *= 10
+    best = choose(hi)
+    if reached(best) < fraction:
+        return best, reached(best)
+    lo = 0.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        r = choose(mid)
+        if reached(r) >= fraction:
+            hi, best = mid, r
+        else:
+            lo = mid
+    return best, reached(best)
+
+
+def run_sensitivity(model_path: str, calib_spec: str, options: dict[str, Any] | None = None,
+                    ratios: tuple[float, ...] = RATIOS, progress=lambda m: None) -> dict[str, Any]:
+    """The ``onnxslim sensitivity`` command's work: load, analyse, measure."""
+    from onnxslim.calibration import load_calibration
+    from onnxslim.model import load_model
+
+    options = dict(options or {})
+    m = load_model(model_path)
+    calib = load_calibration(calib_spec, m.proto, size=options.get("calib_size"), options=options)
+    res = measure(m.proto, calib, ratios=ratios, importance=options.get("prune_importance") or "l1",
+                  round_to=int(options.get("round_to") or ch.DEFAULT_ROUND_TO),
+                  min_channels=int(options.get("prune_min_channels") or 1),
+                  batch=int(options.get("calib_batch") or 64), progress=progress)
+    res["model"] = str(model_path)
+    res["calibration"] = calib.source
+    return res
+
+
+def format_sensitivity(res: dict[str, Any]) -> str:
+    """Per group: channels, share of params/MACs, cosine (and accuracy) at each ratio; skipped groups last."""
+    ratios = res["ratios"]
+    head = ["group", "channels", "params", "MACs"] + [f"r={r:g}" for r in ratios]
+    rows = [head]
+    acc_rows = [["group"] + [f"r={r:g}" for r in ratios]]
+    skipped = []
+    for g in res["groups"]:
+        if not g["points"]:
+            skipped.append(f"  {g['group']} ({', '.join(g['layers'][:3])}): {g['skipped'] or 'nothing to prune'}")
+            continue
+        rows.append([g["group"], str(g["channels"]), f"{g['params_share']:.1%}", f"{g['macs_share']:.1%}"]
+                    + [f"{p['cosine']:.4f}" for p in g["points"]])
+        if res.get("accuracy") is not None:
+            acc_rows.append([g["group"]] + [f"{p['accuracy']:.2f}" for p in g["points"]])
+    lines = [f"sensitivity of {res.get('model', 'model')}: {res['samples']} calibration samples, "
+             f"importance {res['importance']}, round-to {res['round_to']}",
+             f"parameters {res['params']:,}, MACs/sample {res['macs']:,}", "",
+             "output cosine to the original when only that group is pruned at ratio r:"]
+    lines.append(_table(rows))
+    if res.get("accuracy") is not None:
+        lines += ["", f"accuracy (%) when only that group is pruned (original {res['accuracy']:.2f}%):", _table(acc_rows)]
+    for g in res["groups"]:
+        if g["points"]:
+            names = ", ".join(g["layers"][:4]) + (" ..." if len(g["layers"]) > 4 else "")
+            lines.append(f"  {g['group']}: {names}")
+    if skipped:
+        lines += ["", "left whole:"] + skipped
+    return "\n".join(lines)
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+def write_json(res: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(json.dumps(res, indent=2, default=float))

@@ -1,0 +1,161 @@
+"""prune: structured channel pruning with dependency groups, adaptive ratios and least-squares refit.
+
+1. Trace channel dependencies (onnxslim.channels): groups of layers whose output channels must be
+   removed together, the rewrites each removal needs, and the groups that must stay whole (why).
+2. Rank each group's channels by weight norm (L1/L2, times the scale of a following BatchNorm),
+   summed over the group's layers; keep ``1 - ratio`` of them, rounded to multiples of --round-to.
+   ``--prune-target params=F|macs=F`` instead picks one ratio per group from a sensitivity analysis
+   on the calibration data (onnxslim.sensitivity) to remove that fraction with the least drift.
+3. Rewrite weights, biases, norms, per-channel constants, Split/Slice/Reshape/Resize parameters.
+4. With calibration data, refit every layer that lost inputs by least squares against the original
+   model's outputs (onnxslim.refit); ``--no-prune-refit`` turns it off.
+
+Graph inputs and outputs never change shape. The report (``report.extra["prune"]``) gives params, MACs,
+size and latency before/after, the refit errors, and per group the channels kept or why it was skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from onnx import ModelProto
+
+from onnxslim import channels as ch
+from onnxslim.errors import InputError
+from onnxslim.manager import Context, Pass, PassResult, register
+
+DEFAULT_CALIB_BATCH = 64
+
+
+def parse_target(spec: str) -> tuple[str, float]:
+    """``params=0.5`` / ``macs=0.5``: the fraction of parameters or MACs to remove."""
+    kind, sep, value = spec.partition("=")
+    kind = kind.strip().lower()
+    try:
+        frac = float(value)
+    except ValueError:
+        frac = -1.0
+    if not sep or kind not in ("params", "macs") or not 0.0 < frac < 1.0:
+        raise InputError(f"--prune-target '{spec}': expected params=F or macs=F with 0 < F < 1 (fraction removed)")
+    return kind, frac
+
+
+def settings(ctx: Context) -> dict[str, Any]:
+    """The pass's options with their defaults (shared with the sensitivity command)."""
+    return {
+        "importance": ctx.option("prune_importance", "l1"),
+        "round_to": int(ctx.option("round_to", ch.DEFAULT_ROUND_TO)),
+        "min_channels": int(ctx.option("prune_min_channels", 1)),
+        "batch": int(ctx.option("calib_batch", DEFAULT_CALIB_BATCH)),
+    }
+
+
+@register
+class Prune(Pass):
+    name = "prune"
+    description = ("Structured channel pruning (--prune-ratio R or --prune-target params=F|macs=F) with "
+                   "dependency groups and a least-squares refit on --calib data")
+    lossless = False
+    level = "model"
+
+    def run(self, model: ModelProto, ctx: Context) -> PassResult:
+        from onnxslim.sensitivity import allocate, measure
+
+        ratio = ctx.option("prune_ratio")
+        target = ctx.option("prune_target")
+        if ratio is None and target is None:
+            raise InputError("prune: give --prune-ratio R (fraction of channels removed per group) "
+                             "or --prune-target params=F|macs=F")
+        if ratio is not None and target is not None:
+            raise InputError("prune: give either --prune-ratio or --prune-target, not both")
+        s = settings(ctx)
+        calib = ctx.calibration(model)
+        if calib is not None and not calib.measured:
+            calib_note = "random calibration data: the refit fits noise, accuracy is not measured"
+            ctx.warn(f"prune: {calib_note}")
+        refit = ctx.option("prune_refit")
+        refit = calib is not None if refit is None else bool(refit)
+        if refit and calib is None:
+            raise InputError("prune: --prune-refit needs calibration data (--calib FILE.npz)")
+
+        ctx.progress("prune: tracing channels")
+        an = ch.analyze(ch.traced_graph(model))
+        imp = ch.importance(an, s["importance"])
+        report: dict[str, Any] = {"importance": s["importance"], "round_to": s["round_to"],
+                                  "min_channels": s["min_channels"], "refit": refit}
+        if target is not None:
+            kind, frac = parse_target(target)
+            if calib is None:
+                raise InputError("prune: --prune-target needs calibration data for its sensitivity analysis (--calib)")
+            ctx.progress("prune: sensitivity analysis")
+            sens = measure(model, calib, an=an, imp=imp, round_to=s["round_to"], min_channels=s["min_channels"],
+                           batch=s["batch"])
+            ratios, reached = allocate(sens, an, imp, kind, frac, round_to=s["round_to"],
+                                       min_channels=s["min_channels"])
+            report["target"] = {"kind": kind, "fraction": frac, "reached": reached}
+            if reached + 1e-9 < frac:
+                ctx.warn(f"prune: --prune-target {kind}={frac:g} not reachable; removed {reached:.1%} "
+                         "(groups that must stay whole limit it)")
+        else:
+            ratios = {g.id: float(ratio) for g in an.groups if g.prunable}
+        report["ratios"] = ratios
+        keep = ch.plan(an, ratios, imp, round_to=s["round_to"], min_channels=s["min_channels"])
+        before, after = ch.cost(an), ch.cost(an, keep)
+        report["groups"] = ch.group_table(an, keep)
+        report["params"] = {"before": before.params, "after": after.params}
+        report["macs"] = {"before": before.macs, "after": after.macs}
+        if keep.all():
+            report["summary"] = _summary(report)
+            ctx.report_extra["prune"] = report
+            return PassResult(False, stats={"channels_removed": 0}, notes=["no channel removed"], details=report)
+
+        ctx.progress("prune: rewriting")
+        graph, nodes = ch.pruned_copy(an, keep)
+        if refit:
+            from onnxslim.refit import refit_layers
+
+            fits = refit_layers(graph, nodes, an, keep, model, model, calib, batch=s["batch"],
+                                ridge=float(ctx.option("prune_ridge", 1e-2)), progress=ctx.progress)
+            report["refit_layers"] = [f.to_dict() for f in fits]
+        out = ch.export(graph, model)
+        report["size"] = {"before": model.ByteSize(), "after": out.ByteSize()}
+        if ctx.option("latency") is not False:
+            ctx.progress("prune: latency")
+            from onnxslim.api import measure_latency
+
+            report["latency"] = measure_latency(model, out, ctx.input_shapes)
+        removed = int((~keep).sum())
+        report["summary"] = _summary(report)
+        ctx.report_extra["prune"] = report
+        stats = {"channels_removed": removed, "groups_pruned": sum(1 for r in report["groups"] if r["kept"] < r["channels"]),
+                 "groups_skipped": sum(1 for r in report["groups"] if r["skipped"])}
+        return PassResult(True, stats=stats, model=out, details=report,
+                          notes=[f"params {before.params:,} -> {after.params:,}, MACs {before.macs:,} -> {after.macs:,}"])
+
+
+def _pct(b: float, a: float) -> str:
+    return f"{(1 - a / b) * 100:+.1f}%".replace("+", "-", 1) if b else "-"
+
+
+def _summary(r: dict[str, Any]) -> list[str]:
+    """The report's text lines: totals, then one line per group."""
+    lines = ["prune: " + ", ".join(f"{k} {r[k]['before']:,} -> {r[k]['after']:,} ({_pct(r[k]['before'], r[k]['after'])})"
+                                   for k in ("params", "macs") if k in r)]
+    if "size" in r:
+        lines.append(f"prune: size {r['size']['before']:,} -> {r['size']['after']:,} bytes")
+    for key, val in (r.get("latency") or {}).items():
+        if isinstance(val, dict) and "before_ms" in val:
+            lines.append(f"prune: latency {key} {val['before_ms']:.3f} -> {val['after_ms']:.3f} ms ({val['ratio']:.2f}x)")
+    if r.get("refit_layers"):
+        done = [f for f in r["refit_layers"] if not f.get("skipped")]
+        if done:
+            eb = np.mean([f["error_before"] for f in done])
+            ea = np.mean([f["error_after"] for f in done])
+            lines.append(f"prune: refit {len(done)} layer(s), mean relative error {eb:.4f} -> {ea:.4f}")
+    width = max((len(g["group"]) for g in r.get("groups", [])), default=2)
+    for g in r.get("groups", []):
+        layers = ", ".join(g["layers"][:3]) + (f" (+{len(g['layers']) - 3})" if len(g["layers"]) > 3 else "")
+        state = f"skipped: {g['skipped']}" if g["skipped"] else f"{g['channels']} -> {g['kept']}"
+        lines.append(f"  {g['group']:<{width}}  {state}  [{layers}]")
+    return lines
