@@ -114,6 +114,10 @@ def format_report(r: Report, totals: bool = True) -> str:
         for name, e in agg.items():
             prow.append([name, str(e["runs"]), str(e["changed"]), str(int(e["nodes"])), f"{e['seconds']:.3f} s"])
         lines += ["", _table(prow)]
+        # What a pass decided and why (e.g. the quantization settings chosen, nodes kept in float).
+        notes = dict.fromkeys(f"{p['name']}: {n}" for p in r.passes for n in p.get("notes", []))
+        if notes:
+            lines += [""] + list(notes)
     if r.stages:
         srow = [["stage", "size", "params", "cosine", "accuracy", "latency b1"]]
         for s in r.stages:
@@ -140,6 +144,9 @@ def format_report(r: Report, totals: bool = True) -> str:
             lines.append(_table(vrow))
             if v.get("accuracy_before") is not None:
                 lines.append(f"accuracy: {v['accuracy_before']:.2f}% -> {v['accuracy_after']:.2f}%")
+    for section in r.extra.values():  # a pass's own section (e.g. prune) may carry its text lines
+        if isinstance(section, dict) and section.get("summary"):
+            lines += [""] + [str(s) for s in section["summary"]]
     for w in r.warnings:
         lines.append(f"warning: {w}")
     if totals:

@@ -135,7 +135,7 @@ class Prune(Pass):
 
 
 def _pct(b: float, a: float) -> str:
-    return f"{(1 - a / b) * 100:+.1f}%".replace("+", "-", 1) if b else "-"
+    return f"{(a / b - 1) * 100:+.1f}%" if b else "-"
 
 
 def _summary(r: dict[str, Any]) -> list[str]:

@@ -1,0 +1,272 @@
+"""Structured pruning: dependency tracing proven by the zero-channel oracle, ratios, rounding, shapes,
+validity, skip reasons, refit, targets, CLI errors.
+
+The oracle: zero some channels at their source (weights, bias, BatchNorm scale and shift, per-channel
+constants, everything that feeds the channel before it is read) so that they are exactly 0 wherever
+they are read, then prune with the pass. The zeroed channels have zero importance, so the pass must
+remove exactly them; if any rewrite were inconsistent (a Concat offset, a Split size, a block of
+Flatten features, a depthwise conv's group, a residual branch) the outputs would change.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+
+from onnxslim import channels as ch
+from onnxslim.api import optimize
+from onnxslim.graph import const_value, to_proto
+from onnxslim.runtime import make_session
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+STRUCT = ["struct_resnet", "struct_mobilenetv2", "struct_unet", "struct_transformer", "struct_detector"]
+TRAINED = ["digits_cnn", "digits_mlp"]
+
+
+def load(name: str) -> onnx.ModelProto:
+    return onnx.load(str(MODELS / f"{name}.onnx"))
+
+
+def feeds(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for vi in model.graph.input:
+        dims = [batch if d.dim_param or not d.dim_value else d.dim_value for d in vi.type.tensor_type.shape.dim]
+        out[vi.name] = rng.standard_normal(dims).astype(np.float32)
+    return out
+
+
+def run(model: onnx.ModelProto, x: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return make_session(model).run(None, x)
+
+
+def prune(model: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, dict]:
+    options.setdefault("round_to", 1)
+    out, report = optimize(model, None, passes="prune", validate=False, latency=False,
+                           options={"latency": False, **options})
+    return out, report.extra.get("prune", {})
+
+
+def zero_units(model: onnx.ModelProto, ratio: float, seed: int = 0) -> tuple[onnx.ModelProto, ch.Analysis, np.ndarray]:
+    """Zero random units of every prunable group (as many as ``ratio`` removes). Returns the model and the
+    keep mask of the zeroed atoms."""
+    an = ch.analyze(ch.traced_graph(model))
+    rng = np.random.default_rng(seed)
+    keep = np.ones(an.n_atoms, bool)
+    for g in an.groups:
+        if not g.prunable:
+            continue
+        k = ch.kept_count(g.channels, ratio)
+        for u in rng.choice(g.channels, g.channels - k, replace=False):
+            keep[g.units[u]] = False
+    consumer_side = {(c.node, c.weight_axis) for c in an.consumers}
+    graph = an.graph
+    by_input: dict[tuple[int, int], list[ch.SliceEdit]] = {}
+    for e in an.edits:
+        node = graph.nodes[e.node]
+        if node.op in WEIGHTED_WITH_INPUT_EDITS and e.index == 1 and (e.node, e.axis) in consumer_side:
+            continue  # a reader's input channels: left as they are
+        if node.op == "BatchNormalization" and e.index > 2:
+            continue  # mean and variance: gamma = beta = 0 already makes the output 0
+        if node.op in ("Div", "Pow"):
+            continue
+        by_input.setdefault((e.node, e.index), []).append(e)
+    for (i, k), edits in by_input.items():
+        node = graph.nodes[i]
+        v = np.array(const_value(node.inputs[k]), copy=True)
+        for e in edits:
+            dead = ~ch.keep_positions(e.ids, keep)
+            idx = [slice(None)] * v.ndim
+            idx[e.axis] = dead
+            v[tuple(idx)] = 0
+        node.inputs[k] = gs.Constant(f"{node.inputs[k].name}_zeroed_{i}_{k}", v)
+    return to_proto(graph, model), an, keep
+
+
+WEIGHTED_WITH_INPUT_EDITS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+@pytest.mark.parametrize("name", STRUCT + TRAINED)
+def test_zero_channel_oracle(name: str) -> None:
+    zeroed, an, dead_keep = zero_units(load(name), 0.25)
+    assert (~dead_keep).any(), "nothing zeroed: the oracle would prove nothing"
+    x = feeds(zeroed)
+    ref = run(zeroed, x)
+    assert all(np.abs(r).max() > 1e-3 for r in ref)
+    pruned, rep = prune(zeroed, prune_ratio=0.25)
+    onnx.checker.check_model(pruned, full_check=True)
+    out = run(pruned, x)
+    for a, b in zip(ref, out):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    assert rep["params"]["after"] < rep["params"]["before"]
+    # The pass removed exactly the zeroed channels: same count per group as the oracle zeroed.
+    for row, g in zip(rep["groups"], an.groups):
+        if g.prunable:
+            assert row["kept"] == sum(bool(dead_keep[u[0]]) for u in g.units)
+
+
+@pytest.mark.parametrize("name", ["struct_detector", "struct_mobilenetv2"])
+def test_oracle_can_fail(name: str) -> None:
+    """Control: pruning channels other than the zeroed ones must change the outputs."""
+    zeroed, _, dead_keep = zero_units(load(name), 0.25)
+    an = ch.analyze(ch.traced_graph(zeroed))
+    wrong = np.ones(an.n_atoms, bool)
+    for g in an.groups:
+        if g.prunable:
+            dead = [u for u in range(g.channels) if not dead_keep[g.units[u][0]]]
+            for u in dead:
+                wrong[g.units[(u + 1) % g.channels]] = False
+    graph, _ = ch.pruned_copy(an, wrong)
+    x = feeds(zeroed)
+    ref, out = run(zeroed, x), run(ch.export(graph, zeroed), x)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(ref, out)) > 1e-3
+
+
+@pytest.mark.parametrize("name", STRUCT + TRAINED)
+def test_ratio_zero_changes_nothing(name: str) -> None:
+    model = load(name)
+    out, rep = prune(model, prune_ratio=0.0)
+    assert rep["params"]["before"] == rep["params"]["after"]
+    assert all(r["kept"] == r["channels"] for r in rep["groups"])
+    x = feeds(model)
+    for a, b in zip(run(model, x), run(out, x)):
+        np.testing.assert_array_equal(a, b)
+
+
+def _io(model: onnx.ModelProto) -> list:
+    return [(v.name, str(v.type)) for v in list(model.graph.input) + list(model.graph.output)]
+
+
+@pytest.mark.parametrize("name", STRUCT + TRAINED)
+@pytest.mark.parametrize("ratio,round_to", [(0.3, 1), (0.6, 8)])
+def test_shapes_counts_validity(name: str, ratio: float, round_to: int) -> None:
+    model = load(name)
+    out, rep = prune(model, prune_ratio=ratio, round_to=round_to)
+    onnx.checker.check_model(out, full_check=True)
+    assert _io(out) == _io(model), "graph inputs/outputs changed"
+    x = feeds(model, batch=3)
+    for a, b in zip(run(model, x), run(out, x)):
+        assert a.shape == b.shape and np.isfinite(b).all()
+    an = ch.analyze(ch.traced_graph(model))
+    inits = {t.name: tuple(t.dims) for t in out.graph.initializer}
+    nodes = {n.name: n for n in out.graph.node}
+    pruned_any = False
+    for row, g in zip(rep["groups"], an.groups):
+        if not g.prunable:
+            assert row["kept"] == row["channels"] and row["skipped"]
+            continue
+        want = ch.kept_count(g.channels, ratio, round_to)
+        assert row["kept"] == want
+        assert want <= g.channels and (want % round_to == 0 or g.channels < round_to)
+        assert abs(want - g.channels * (1 - ratio)) <= max(round_to, 1) / 2 + 1e-9 or g.channels < round_to
+        pruned_any |= want < g.channels
+        for s in g.sources:  # the weights of every layer of the group really shrank
+            src = an.sources[s]
+            w = nodes[src.name].input[src.weight_index]
+            units_per_atom = src.count // g.channels
+            assert inits[w][src.weight_axis] == want * units_per_atom
+    assert pruned_any
+
+
+@pytest.mark.parametrize("name,expect", [
+    ("struct_resnet", "grouped convolution"),
+    ("struct_transformer", "reshapes the channel axis"),
+    ("struct_transformer", "cannot be pruned"),
+    ("struct_detector", "reaches graph output 'detections'"),
+    ("struct_unet", "reaches graph output 'mask'"),
+])
+def test_skipped_groups_have_reasons(name: str, expect: str) -> None:
+    _, rep = prune(load(name), prune_ratio=0.3)
+    reasons = [r["skipped"] for r in rep["groups"] if r["skipped"]]
+    assert any(expect in r for r in reasons), reasons
+    assert any(r["kept"] < r["channels"] for r in rep["groups"])
+    assert any(expect in line for line in rep["summary"])
+
+
+def test_transformer_ffn_pruned_layernorm_group_kept() -> None:
+    out, rep = prune(load("struct_transformer"), prune_ratio=0.5)
+    ffn = [r for r in rep["groups"] if r["channels"] == 256]
+    assert ffn and ffn[0]["kept"] == 128
+    assert all(r["skipped"] for r in rep["groups"] if r["channels"] == 64)
+
+
+def _digits(name: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray], np.ndarray]:
+    test = np.load(MODELS / "digits_test.npz")
+    return load(name), {"input": test["input"]}, test["labels"]
+
+
+def _acc(model: onnx.ModelProto, x, labels) -> float:
+    return float((run(model, x)[0].argmax(1) == labels).mean() * 100)
+
+
+def _cos(model: onnx.ModelProto, ref: np.ndarray, x) -> float:
+    out = run(model, x)[0]
+    return float(np.mean(np.sum(out * ref, 1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)))
+
+
+@pytest.mark.parametrize("name,ratio", [("digits_mlp", 0.5), ("digits_cnn", 0.5)])
+def test_refit_beats_no_refit(name: str, ratio: float) -> None:
+    model, x, labels = _digits(name)
+    ref = run(model, x)[0]
+    calib = str(MODELS / "digits_calib.npz")
+    plain, _ = prune(model, prune_ratio=ratio, calib=calib, prune_refit=False, round_to=8)
+    fitted, rep = prune(model, prune_ratio=ratio, calib=calib, round_to=8)
+    assert rep["refit"] and rep["refit_layers"]
+    assert all(f["error_after"] <= f["error_before"] for f in rep["refit_layers"])
+    assert _cos(fitted, ref, x) > _cos(plain, ref, x) + 0.01
+    acc0, acc_plain, acc_fit = _acc(model, x, labels), _acc(plain, x, labels), _acc(fitted, x, labels)
+    assert acc_fit > acc_plain
+    assert acc_fit >= acc0 - 3.0
+
+
+def test_target_params_reached() -> None:
+    model, x, labels = _digits("digits_mlp")
+    out, rep = prune(model, prune_target="params=0.5", calib=str(MODELS / "digits_calib.npz"), round_to=8)
+    assert rep["target"]["reached"] >= 0.5
+    assert rep["params"]["after"] <= 0.5 * rep["params"]["before"] + 1
+    assert _acc(out, x, labels) >= _acc(model, x, labels) - 2.0
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "onnxslim.cli", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("args,expect", [
+    ([], "--prune-ratio"),
+    (["--prune-target", "flops=0.5"], "--prune-target"),
+    (["--prune-target", "params=1.5"], "--prune-target"),
+    (["--prune-target", "params=0.5"], "calibration"),
+    (["--prune-ratio", "0.3", "--prune-target", "params=0.5"], "either"),
+    (["--prune-ratio", "0.3", "--prune-refit"], "calibration"),
+])
+def test_cli_bad_options(tmp_path: Path, args: list[str], expect: str) -> None:
+    out = tmp_path / "o.onnx"
+    p = _cli(str(MODELS / "digits_mlp.onnx"), str(out), "--passes", "prune", *args)
+    assert p.returncode == 2, p.stderr
+    assert expect in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_gate_refuses_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "o.onnx"
+    p = _cli(str(MODELS / "digits_cnn.onnx"), str(out), "--passes", "prune", "--prune-ratio", "0.7",
+             "--calib", str(MODELS / "digits_calib.npz"), "--no-prune-refit", "--no-latency", "--quiet")
+    assert p.returncode == 1 and "accuracy" in p.stderr
+    assert not out.exists()
+
+
+def test_cli_prune_reports_groups(tmp_path: Path) -> None:
+    out = tmp_path / "o.onnx"
+    p = _cli(str(MODELS / "digits_mlp.onnx"), str(out), "--passes", "lossless,prune", "--prune-ratio", "0.5",
+             "--calib", str(MODELS / "digits_calib.npz"), "--no-latency")
+    assert p.returncode == 0, p.stderr
+    assert "256 -> 128" in p.stdout and "reaches graph output 'logits'" in p.stdout
+    assert out.exists()
