@@ -88,7 +88,7 @@ def dedupe_constants(graphs: list[gs.Graph]) -> int:
     for consts in groups.values():
         if len(consts) < 2:
             continue
-        by_hash: dict[tuple[str, int], tuple[gs.Constant, bytes]] = {}
+        by_hash: dict[tuple[str, int], gs.Constant] = {}  # hashes only: weights are not held twice
         for c in consts:
             data = _const_bytes(c)
             if data is None:
@@ -96,14 +96,14 @@ def dedupe_constants(graphs: list[gs.Graph]) -> int:
             key = (hashlib.sha1(data).hexdigest(), len(data))
             first = by_hash.get(key)
             if first is None:
-                by_hash[key] = (c, data)
+                by_hash[key] = c
                 continue
-            if first[1] != data:  # a hash collision: keep both
+            if _const_bytes(first) != data:  # a hash collision: keep both
                 continue
             for n in readers.get(id(c), []):
                 for i, t in enumerate(n.inputs):
                     if t is c:
-                        n.inputs[i] = first[0]
+                        n.inputs[i] = first
             merged += 1
     return merged
 
