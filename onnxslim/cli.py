@@ -208,6 +208,41 @@ def validate_cmd(original: str, optimized: str, inputs: str | None, input_shape:
         raise GateError(f"models differ: {res.reason}")
 
 
+@cli.command("sensitivity")
+@click.argument("model", type=str)
+@click.option("--calib", required=True, type=str, help="Calibration data (FILE.npz with optional 'labels', folder, ...).")
+@click.option("--calib-size", type=click.IntRange(min=1), help="Use at most N calibration samples.")
+@click.option("--calib-batch", type=click.IntRange(min=1), help="Batch size for running the model.")
+@click.option("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7", show_default=True, help="Ratios to try per group.")
+@click.option("--prune-importance", type=click.Choice(["l1", "l2"]), help="Channel importance norm (default l1).")
+@click.option("--round-to", type=click.IntRange(min=1), help="Keep channel counts multiples of N (default 8).")
+@click.option("--prune-min-channels", type=click.IntRange(min=1), help="Minimum channels kept per layer.")
+@click.option("--refit/--no-refit", default=True, show_default=True,
+              help="Refit each group's readers before measuring (what the prune pass does).")
+@click.option("--json", "json_path", type=str, help="Write the table as JSON to this file.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def sensitivity_cmd(model: str, calib: str, ratios: str, json_path: str | None, debug: bool, **options: Any) -> None:
+    """Per prunable group: channels, share of params/MACs, output drift (and accuracy) at each ratio."""
+    from onnxslim.report import Progress
+    from onnxslim.sensitivity import format_sensitivity, run_sensitivity, write_json
+
+    try:
+        rs = tuple(float(r) for r in ratios.split(",") if r.strip())
+    except ValueError:
+        rs = ()
+    if not rs or not all(0.0 < r < 1.0 for r in rs):
+        raise InputError(f"--ratios '{ratios}': expected comma-separated fractions between 0 and 1")
+    progress = Progress()
+    try:
+        res = run_sensitivity(model, calib, {k: v for k, v in options.items() if v is not None}, ratios=rs,
+                              progress=progress)
+    finally:
+        progress.done()
+    click.echo(format_sensitivity(res))
+    if json_path:
+        write_json(res, json_path)
+
+
 @cli.command("passes")
 def passes_cmd() -> None:
     """List the registered passes and presets."""

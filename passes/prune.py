@@ -90,7 +90,7 @@ class Prune(Pass):
                 raise InputError("prune: --prune-target needs calibration data for its sensitivity analysis (--calib)")
             ctx.progress("prune: sensitivity analysis")
             sens = measure(model, calib, an=an, imp=imp, round_to=s["round_to"], min_channels=s["min_channels"],
-                           batch=s["batch"])
+                           batch=s["batch"], refit=refit, progress=ctx.progress)
             ratios, reached = allocate(sens, an, imp, kind, frac, round_to=s["round_to"],
                                        min_channels=s["min_channels"])
             report["target"] = {"kind": kind, "fraction": frac, "reached": reached}
