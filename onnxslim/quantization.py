@@ -38,8 +38,10 @@ from onnxslim.validate import compare_models, make_inputs, static_batch
 PER_CHANNEL_MIN_OPSET = 13  # DequantizeLinear gained 'axis' in opset 13
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "LSTM")
 LATENCY_BATCHES = (1, 64)
+LATENCY_SECONDS = 1.0  # per batch and candidate; paired runs make this enough on a busy machine
 SEARCH_BUDGET = 8  # quantized candidates tried by the latency search
 FALLBACK_STEPS = 8  # accuracy fallback rounds
+FALLBACK_PATIENCE = 3  # rounds without improvement before giving up
 DEBUG_SAMPLES = 32  # samples used to rank nodes by quantization error
 NOISE = 0.05  # relative latency noise: within this of a threshold, measure again
 
@@ -432,6 +434,12 @@ class Quality:
     accuracy_before: float | None = None
     accuracy_after: float | None = None
 
+    def score(self) -> float:
+        """What the gate judges: accuracy when labels exist, else cosine (higher is better)."""
+        if self.accuracy_after is not None:
+            return self.accuracy_after
+        return self.cosine if self.cosine is not None else 0.0
+
     def summary(self) -> str:
         parts = []
         if self.accuracy_after is not None:
@@ -471,8 +479,8 @@ def latency_batches(model: ModelProto) -> tuple[int, ...]:
     return (fixed,) if fixed is not None else LATENCY_BATCHES
 
 
-def paired_latency(a: Any, b: Any, feeds: dict[str, np.ndarray], *, seconds: float = 1.0,
-                   min_runs: int = 15, max_runs: int = 400) -> tuple[float, float, float]:
+def paired_latency(a: Any, b: Any, feeds_a: dict[str, np.ndarray], feeds_b: dict[str, np.ndarray], *,
+                   seconds: float = 1.0, min_runs: int = 15, max_runs: int = 400) -> tuple[float, float, float]:
     """Median ms of two sessions and the median of their per-run ratio a/b.
 
     Runs alternate a, b, a, b ...: a burst of load from other processes hits both sides of a pair,
@@ -480,8 +488,9 @@ def paired_latency(a: Any, b: Any, feeds: dict[str, np.ndarray], *, seconds: flo
     import time
 
     def timed(s: Any) -> float:
+        f = feeds_a if s is a else feeds_b
         t0 = time.perf_counter()
-        s.run(None, feeds)
+        s.run(None, f)
         return time.perf_counter() - t0
 
     for _ in range(3):
@@ -501,31 +510,58 @@ def paired_latency(a: Any, b: Any, feeds: dict[str, np.ndarray], *, seconds: flo
 
 
 def measure_speed(reference: ModelProto, candidate: ModelProto, input_shapes: dict[str, list[int]],
-                  batches: tuple[int, ...], seconds: float = 1.0) -> dict[int, dict[str, float]]:
+                  batches: tuple[int, ...], seconds: float | None = None) -> dict[int, dict[str, float]]:
     """Latency of both models per batch (one thread each), paired run by run in one process."""
-    from onnxslim.runtime import make_session
+    from onnxslim.runtime import make_session, session_feed
 
     sa, sb = make_session(reference, threads=1), make_session(candidate, threads=1)
-    names_a = {i.name for i in sa.get_inputs()}
     out: dict[int, dict[str, float]] = {}
     for b in batches:
-        feeds = {k: v for k, v in make_inputs(reference, input_shapes, batch=b, seed=1).items() if k in names_a}
-        ref_ms, cand_ms, ratio = paired_latency(sa, sb, feeds, seconds=seconds)
+        feeds = make_inputs(reference, input_shapes, batch=b, seed=1)
+        ref_ms, cand_ms, ratio = paired_latency(sa, sb, session_feed(sa, feeds), session_feed(sb, feeds),
+                                                seconds=LATENCY_SECONDS if seconds is None else seconds)
         out[b] = {"before_ms": ref_ms, "after_ms": cand_ms, "speedup": ratio}
     return out
 
 
 # ------------------------------------------------------------------------------------ error ranking
 
-def _dump_activations(model: ModelProto, feeds: list[dict[str, np.ndarray]], tmp: Path, tag: str) -> dict[str, np.ndarray]:
-    from onnxruntime.quantization.qdq_loss_debug import collect_activations, modify_model_output_intermediate_tensors
+def _dump_activations(model: ModelProto, feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Every float tensor a node produces, per sample (batches concatenated), shapes kept.
 
-    src, aug = tmp / f"{tag}.onnx", tmp / f"{tag}_aug.onnx"
-    onnx.save(model, str(src))
-    with quiet_ort():
-        modify_model_output_intermediate_tensors(str(src), str(aug))
-        acts = collect_activations(str(aug), iter(feeds))
-    return {k: np.concatenate([a.ravel() for a in v]) for k, v in acts.items()}
+    Like qdq_loss_debug.collect_activations, but without flattening: the error is measured per channel."""
+    import onnxruntime as ort
+
+    m = copy.deepcopy(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m)
+    except Exception:  # noqa: BLE001 - shapes are only needed for element types
+        inferred = m
+    types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info)
+             + list(inferred.graph.input) + list(inferred.graph.output) if v.type.HasField("tensor_type")}
+    have = {o.name for o in m.graph.output}
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    for n in m.graph.node:
+        for t in n.output:
+            if t and t not in have and types.get(t) in floats:
+                m.graph.output.append(onnx.helper.make_tensor_value_info(t, types[t], None))
+                have.add(t)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
+    for f in feeds:
+        for k, v in zip(names, sess.run(names, f)):
+            parts[k].append(np.asarray(v))
+    out = {}
+    for k, v in parts.items():
+        try:
+            out[k] = np.concatenate(v) if v and v[0].ndim else v[0]
+        except ValueError:
+            pass  # no common batch axis: not comparable sample by sample
+    return out
 
 
 def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
@@ -537,8 +573,30 @@ def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
     return float(compute_signal_to_quantization_noice_ratio(ref.astype(np.float64), test.astype(np.float64)))
 
 
+def channel_sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
+    """SQNR averaged (in dB) over channels (axis 1 of 4-D tensors, else the last axis).
+
+    One number per tensor hides the classic INT8 failure: an outlier channel (|x| = 300 among values
+    near 1) widens the scale until every other channel drowns in rounding noise, while the tensor's
+    overall SQNR, dominated by the outlier's energy, still looks fine. Per channel it does not."""
+    if ref.shape != test.shape:
+        return float("nan")
+    if ref.ndim < 2:
+        return sqnr_db(ref, test)
+    axis = 1 if ref.ndim == 4 else ref.ndim - 1
+    r = np.moveaxis(ref.astype(np.float64), axis, 0).reshape(ref.shape[axis], -1)
+    t = np.moveaxis(test.astype(np.float64), axis, 0).reshape(ref.shape[axis], -1)
+    sig = (r * r).sum(1)
+    noise = ((r - t) ** 2).sum(1)
+    live = sig > 1e-9 * max(sig.max(), 1e-30)  # channels that are (almost) always zero carry no signal
+    if not live.any():
+        return sqnr_db(ref, test)
+    sig, noise = sig[live], noise[live]
+    return float(np.mean(10 * np.log10(sig / np.maximum(noise, sig * 1e-12))))  # exact channels: 120 dB
+
+
 def rank_nodes(float_model: ModelProto, quant_model: ModelProto, data: CalibrationData, candidates: set[str],
-               tmp: Path, samples: int = DEBUG_SAMPLES) -> list[dict[str, Any]]:
+               samples: int = DEBUG_SAMPLES) -> list[dict[str, Any]]:
     """Where precision is lost: quantized nodes ordered by SQNR of their inputs minus SQNR of their output,
     float model vs quantized model on the same calibration samples.
 
@@ -546,28 +604,38 @@ def rank_nodes(float_model: ModelProto, quant_model: ModelProto, data: Calibrati
     QuantizeLinear/DequantizeLinear pair (what consumers see). A node whose output vanished in the
     quantized model (a Conv fused with the Relu after it) is folded into the first observable node
     after it: both are moved to float together."""
-    from onnxruntime.quantization.quant_utils import DEQUANT_OUTPUT_SUFFIX
+    from onnxruntime.quantization.quant_utils import DEQUANT_OUTPUT_SUFFIX, QUANT_INPUT_SUFFIX
 
     from onnxslim.validate import graph_inputs
 
     sub = data.subset(samples)
     names = [i.name for i in graph_inputs(float_model)]
     feeds = [{k: v for k, v in b.items() if k in names} for b in sub.batches()]
-    fa = _dump_activations(float_model, feeds, tmp, "float")
-    qa = _dump_activations(quant_model, feeds, tmp, "quant")
+    fa = _dump_activations(float_model, feeds)
+    qa = _dump_activations(quant_model, feeds)
+    for k in names:  # graph inputs are quantized too (their Q/DQ pair is the first loss)
+        fa[k] = np.concatenate([f[k] for f in feeds])
     graph_in = set(names)
     producer = {o: n for n in float_model.graph.node for o in n.output}
+    consumers: dict[str, list[str]] = {}
+    for n in float_model.graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n.name)
     cap = 120.0
-    cache: dict[str, float | None] = {}
+    cache: dict[tuple[str, bool], float | None] = {}
 
-    def sq(t: str) -> float | None:
-        if t in graph_in:
+    def sq(t: str, pre: bool = False) -> float | None:
+        """SQNR of tensor t as its consumers see it (after its Q/DQ pair), or before the pair (pre)."""
+        if t in graph_in and (pre or t + DEQUANT_OUTPUT_SUFFIX not in qa):
             return cap
-        if t not in cache:
-            q = qa.get(t + DEQUANT_OUTPUT_SUFFIX, qa.get(t))
-            v = sqnr_db(fa[t], q) if t in fa and q is not None else float("nan")
-            cache[t] = None if math.isnan(v) else min(cap, v)
-        return cache[t]
+        if (t, pre) not in cache:
+            if pre:
+                q = qa.get(t + QUANT_INPUT_SUFFIX, qa.get(t) if t + DEQUANT_OUTPUT_SUFFIX in qa else None)
+            else:
+                q = qa.get(t + DEQUANT_OUTPUT_SUFFIX, qa.get(t))
+            v = channel_sqnr_db(fa[t], q) if t in fa and q is not None else float("nan")
+            cache[(t, pre)] = None if math.isnan(v) else min(cap, v)
+        return cache[(t, pre)]
 
     def seen_by_consumers(t: str, chain: list[str], depth: int = 0) -> float | None:
         s = sq(t)
@@ -587,12 +655,19 @@ def rank_nodes(float_model: ModelProto, quant_model: ModelProto, data: Calibrati
         out = sq(n.output[0])
         chain: list[str] = []
         ins = [v for t in n.input if t and (v := seen_by_consumers(t, chain)) is not None]
-        nodes = [x for x in [n.name] + chain if x in candidates]
+        inp = min(ins) if ins else cap
+        pre = sq(n.output[0], pre=True)
+        nodes = [n.name] + chain
+        if pre is not None and pre - out > inp - pre:
+            # The loss is the Q/DQ pair on the output (e.g. an outlier channel widening one scale for all):
+            # that pair goes only when the producer and every quantized consumer of the tensor are float.
+            nodes += consumers.get(n.output[0], [])
+        nodes = [x for x in dict.fromkeys(nodes) if x in candidates]
         if not nodes:
             continue
-        inp = min(ins) if ins else cap
         ranked.append({"node": n.name, "op": n.op_type, "nodes": nodes, "sqnr_out": round(out, 2),
-                       "sqnr_in": round(inp, 2), "loss_db": round(max(0.0, inp - out), 2)})
+                       "sqnr_in": round(inp, 2), "sqnr_before_qdq": None if pre is None else round(pre, 2),
+                       "loss_db": round(max(0.0, inp - out), 2)})
     ranked.sort(key=lambda r: (-r["loss_db"], r["sqnr_out"]))
     return ranked
 
@@ -645,6 +720,7 @@ class QuantSearch:
         self.custom = custom_op_library
         self.search_enabled = search
         self.tried: list[Candidate] = []
+        self.before_fallback: Candidate | None = None
         self.fallback_steps: list[dict[str, Any]] = []
         self.batches = latency_batches(float_model)
 
@@ -654,14 +730,18 @@ class QuantSearch:
         quality = judge(self.reference, model, self.feeds, self.labels, self.gate, self.custom)
         cand = Candidate(cfg, model, quality)
         if timed:
-            self.progress(f"timing: {cfg.label()}")
-            cand.speed = measure_speed(self.float_model, model, self.input_shapes, self.batches)
-            if self.gate.min_speedup is not None and abs(cand.speedup / self.gate.min_speedup - 1) < NOISE:
-                again = measure_speed(self.float_model, model, self.input_shapes, self.batches, seconds=2.0)
-                for b, v in again.items():  # near the threshold: average two measurements
-                    cand.speed[b] = {k: (cand.speed[b][k] + v[k]) / 2 for k in v}
+            self.time(cand)
         self.tried.append(cand)
         return cand
+
+    def time(self, cand: Candidate) -> None:
+        self.progress(f"timing: {cand.cfg.label()}")
+        cand.speed = measure_speed(self.float_model, cand.model, self.input_shapes, self.batches)
+        if self.gate.min_speedup is not None and abs(cand.speedup / self.gate.min_speedup - 1) < NOISE:
+            again = measure_speed(self.float_model, cand.model, self.input_shapes, self.batches,
+                                  seconds=2 * LATENCY_SECONDS)
+            for b, v in again.items():  # near the threshold: average two measurements
+                cand.speed[b] = {k: (cand.speed[b][k] + v[k]) / 2 for k in v}
 
     def goal(self) -> float:
         return max(1.0, self.gate.min_speedup or 1.0)
@@ -699,9 +779,10 @@ class QuantSearch:
                 if cfg.label() in seen or len(self.tried) >= SEARCH_BUDGET:
                     continue
                 seen.add(cfg.label())
-                c = self.evaluate(cfg)
-                if not quant_op_counts(c.model):
-                    continue  # everything left in float: that is the float model, not a candidate
+                c = self.evaluate(cfg, timed=False)
+                if not quant_op_counts(c.model) or not c.quality.passed:
+                    continue  # all float (that is the float model), or not accurate enough: not worth timing
+                self.time(c)
                 if c.quality.passed and (best is None or c.score() > best.score() * (1 + NOISE / 2)):
                     best, improved = c, True
             if not improved or best is None:
@@ -709,9 +790,11 @@ class QuantSearch:
             current = best
         return best if best is not None else first
 
-    def fallback(self, cand: Candidate, data: CalibrationData, tmp: Path) -> Candidate:
+    def fallback(self, cand: Candidate, data: CalibrationData) -> Candidate:
         """Move the nodes that lose the most signal back to float, a few at a time, until the gate passes."""
+        self.before_fallback = cand
         steps = 0
+        best_score, stale = cand.quality.score(), 0
         n_quant = sum(1 for n in self.float_model.graph.node if n.op_type in (cand.cfg.op_types or COMPUTE_OPS))
         while not cand.quality.passed and steps < FALLBACK_STEPS:
             steps += 1
@@ -721,7 +804,7 @@ class QuantSearch:
             candidates = quantizable - float_now
             if not candidates:
                 break
-            ranked = rank_nodes(self.float_model, cand.model, data, candidates, tmp)
+            ranked = rank_nodes(self.float_model, cand.model, data, candidates)
             if not ranked:
                 break
             k = max(1, min(len(ranked), (2 ** ((steps - 1) // 2)) * max(1, n_quant // 32)))
@@ -732,18 +815,24 @@ class QuantSearch:
                                         "ranking": ranked[:max(5, k)], "quality": nxt.quality.to_dict(),
                                         "metric": nxt.quality.summary()})
             cand = nxt
-        if self.fallback_steps:
+            if nxt.quality.score() > best_score + 1e-9:
+                best_score, stale = nxt.quality.score(), 0
+            else:
+                stale += 1
+                if stale >= FALLBACK_PATIENCE:
+                    break  # moving more nodes to float does not help: the gate is out of reach
+        if self.fallback_steps and cand.quality.passed:  # a refused result needs no timing
             self.progress("timing the fallback result")
             cand.speed = measure_speed(self.float_model, cand.model, self.input_shapes, self.batches)
         return cand
 
-    def run(self, start: QuantConfig, data: CalibrationData | None, tmp: Path, timed: bool = True) -> Candidate:
+    def run(self, start: QuantConfig, data: CalibrationData | None, timed: bool = True) -> Candidate:
         first = self.evaluate(start, timed=timed)
         best = first
         if timed and self.search_enabled and first.worst_speedup < self.goal():
             best = self.latency_search(first)
         if not best.quality.passed and data is not None:
-            best = self.fallback(best, data, tmp)
+            best = self.fallback(best, data)
         return best
 
 
@@ -754,12 +843,8 @@ def _quantizable_nodes(model: ModelProto, cfg: QuantConfig) -> set[str]:
     else:
         from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
 
-        if cfg.kind == "dynamic":
-            types = set(IntegerOpsRegistry)
-        elif cfg.fmt == "qdq":
-            types = set(QDQRegistry)
-        else:
-            types = set(QLinearOpsRegistry)
+        # onnxruntime's defaults: quantize_dynamic takes IntegerOps; quantize_static the union of both registries.
+        types = set(IntegerOpsRegistry) if cfg.kind == "dynamic" else set(QDQRegistry) | set(QLinearOpsRegistry)
     return {n.name for n in model.graph.node if n.op_type in types}
 
 
@@ -851,13 +936,24 @@ def quantize_pass(model: ModelProto, ctx: Any, kind: str) -> Any:
     with tempfile.TemporaryDirectory(prefix="onnxslim-quant-") as tmp:
         search = QuantSearch(prep, Quantizer(prep, data, Path(tmp)), reference, feeds, labels, gate, fixed,
                              ctx.input_shapes, ctx.progress, custom, search=gate.min_speedup is not None)
-        best = search.run(cfg, data, Path(tmp))
+        best = search.run(cfg, data)
 
     first = search.tried[0]
     float_nodes = sorted(set(best.cfg.exclude) | set(search.q._nodes_for(best.cfg)) - set(cfg.exclude))
     size_x = size_ratio(model, best.model)
-    speed_txt = ", ".join(f"batch {b}: {1 / v['speedup']:.2f}x the float latency" for b, v in best.speed.items())
+    speed_txt = (", ".join(f"batch {b}: {1 / v['speedup']:.2f}x the float latency" for b, v in best.speed.items())
+                 or "not timed (it misses the accuracy gate)")
     notes.insert(0, f"{kind} quantization: {best.cfg.label()} (defaults for this machine: {why})")
+    def names(xs: list[str]) -> str:
+        return ", ".join(xs[:6]) + (f" and {len(xs) - 6} more" if len(xs) > 6 else "")
+
+    if search.fallback_steps:
+        pre = search.before_fallback.quality
+        notes.append(f"before the fallback: {pre.summary()} ({pre.reason})")
+    for st in search.fallback_steps:
+        notes.append(f"fallback step {st['step']}: {names(st['moved_to_float'])} -> float; {st['metric']}")
+    if float_nodes:
+        notes.append(f"kept in float: {names(float_nodes)}")
     notes.append(f"result: file {size_x:.2f}x, {speed_txt}; {best.quality.summary()}")
     if kind == "dynamic" and "Conv" in {n.op_type for n in prep.graph.node} and first.speed:
         slow = 1 / first.worst_speedup if first.worst_speedup else float("inf")

@@ -40,7 +40,7 @@ class Float16(Pass):
         details: dict = {"size_ratio": round(size_x, 4), "keep_io_types": bool(keep_io), "block_ops": extra,
                          "opset": opset_of(out)}
         try:
-            speed = measure_speed(model, out, ctx.input_shapes, latency_batches(model), seconds=0.5)
+            speed = measure_speed(model, out, ctx.input_shapes, latency_batches(model))
             details["latency"] = {f"batch{b}": v for b, v in speed.items()}
             txt = ", ".join(f"batch {b}: {1 / v['speedup']:.2f}x the float32 latency" for b, v in speed.items())
             notes.append(txt)

@@ -1,0 +1,163 @@
+"""quantize-static on real (digits) and purpose-built models: size, accuracy, validity, fallback, gates."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxslim.quantization as q
+from onnxslim.api import optimize
+from onnxslim.errors import GateError
+from quant_helpers import MODELS, accuracy, mean_cosine, outlier_block, quant_details, run, tool
+
+CNN, CALIB, TEST = MODELS / "digits_cnn.onnx", MODELS / "digits_calib.npz", MODELS / "digits_test.npz"
+
+
+@pytest.fixture(autouse=True)
+def quick_timing(monkeypatch):
+    # Latency decides configurations, not test outcomes here: short paired measurements suffice.
+    monkeypatch.setattr(q, "LATENCY_SECONDS", 0.15)
+
+
+def test_digits_cnn_default_static_small_and_accurate(tmp_path):
+    out = tmp_path / "cnn_int8.onnx"
+    _, report = optimize(CNN, out, passes="quantize-static", inputs=TEST, latency=False,
+                         options={"calib": str(CALIB)})
+    d = quant_details(report)
+    assert d["settings"]["per_channel"] and d["settings"]["format"] == "qdq"
+    assert d["quant_ops"].get("QuantizeLinear", 0) > 0 and d["quant_ops"].get("DequantizeLinear", 0) > 0
+    assert out.stat().st_size <= 0.35 * CNN.stat().st_size
+    acc_fp32, acc_int8 = accuracy(CNN, TEST), accuracy(out, TEST)
+    assert acc_int8 >= acc_fp32 - 0.5, (acc_fp32, acc_int8)
+
+    # At least as accurate as onnxruntime's quantize_static with its default arguments.
+    from onnxruntime.quantization import quantize_static
+
+    data = q.CalibrationData({"input": np.load(CALIB)["input"]}, batch_size=50)
+    with q.quiet_ort():
+        quantize_static(str(CNN), str(tmp_path / "ort.onnx"), q.calib_reader(data, onnx.load(CNN)))
+    assert acc_int8 >= accuracy(tmp_path / "ort.onnx", TEST)
+
+
+def test_tight_gate_moves_nodes_to_float_and_names_them(tmp_path):
+    calib = tmp_path / "calib_nolabels.npz"  # no labels: the cosine gate applies
+    np.savez(calib, input=np.load(CALIB)["input"][:200])
+    out = tmp_path / "fb.onnx"
+    _, report = optimize(CNN, out, passes="quantize-static", min_cosine=0.99999, latency=False, force=True,
+                         options={"calib": str(calib), "objective": "size"})
+    d = quant_details(report)
+    assert d["fallback"], "a gate tighter than the default INT8 result must trigger the fallback"
+    moved = d["fallback"][0]["moved_to_float"]
+    assert moved and set(moved) <= set(d["nodes_in_float"])
+    names = {n.name for n in onnx.load(CNN).graph.node}
+    assert set(d["nodes_in_float"]) <= names  # real node names of the model
+    notes = "\n".join(p for r in report.passes for p in r["notes"])
+    assert moved[0] in notes and "fallback step 1" in notes
+    # each step reports its metric, and the metric never gets worse than before the fallback
+    cos = [s["quality"]["cosine"] for s in d["fallback"]]
+    assert all(c is not None for c in cos) and max(cos) >= d["candidates"][0]["quality"]["cosine"]
+    # the nodes named as float really are float: their weights are not fed by DequantizeLinear
+    qm = onnx.load(out)
+    producers = {o: n.op_type for n in qm.graph.node for o in n.output}
+    for n in qm.graph.node:
+        if n.name in d["nodes_in_float"] and n.op_type == "Conv":
+            assert producers.get(n.input[1]) != "DequantizeLinear", n.name
+
+
+def test_outlier_block_recovers_or_is_refused(tmp_path):
+    model = tmp_path / "outlier.onnx"
+    onnx.save(outlier_block(), model)
+    x = np.random.default_rng(1).standard_normal((64, 8, 32)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    out = tmp_path / "out.onnx"
+    try:
+        _, report = optimize(model, out, passes="quantize-static", latency=False,
+                             options={"calib": str(tmp_path / "calib.npz"), "objective": "size"})
+    except GateError:
+        assert not out.exists()
+        return
+    d = quant_details(report)
+    assert d["candidates"][0]["quality"]["cosine"] < 0.99, "the outlier must break plain static INT8"
+    assert "outlier_add" in d["nodes_in_float"] or "proj" in d["nodes_in_float"]
+    (ref,), (got,) = run(model, {"x": x}), run(out, {"x": x})
+    assert mean_cosine(ref, got) >= 0.99  # checked independently of the tool's own numbers
+
+
+@pytest.mark.parametrize("opset", [11, 12])
+def test_per_channel_below_opset_13_gives_a_valid_model(tmp_path, opset):
+    mi = tool("make_image_model")
+    src = tmp_path / f"img{opset}.onnx"
+    onnx.save(mi.build_model(opset=opset), src)
+    x = np.random.default_rng(0).standard_normal((32, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", image=x)
+    out = tmp_path / "q.onnx"
+    _, report = optimize(src, out, passes="quantize-static", latency=False, inputs=tmp_path / "calib.npz",
+                         options={"calib": str(tmp_path / "calib.npz"), "per_channel": True, "objective": "size"})
+    m = onnx.load(out)
+    onnx.checker.check_model(m, full_check=True)
+    assert q.opset_of(m) >= 13
+    axes = [a.i for n in m.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "axis"]
+    assert axes, "per-channel weights need DequantizeLinear(axis=...)"
+    assert run(out, {"image": x[:2]})[0].shape == (2, 10)
+    assert any(f"opset {opset} -> 13" in n for n in quant_details(report)["notes"])
+
+
+def test_images_folder_calibrates_image_model_end_to_end(tmp_path):
+    mi = tool("make_image_model")
+    mi.write_images(tmp_path / "imgs", n=12)
+    src = tmp_path / "image_cnn.onnx"
+    onnx.save(mi.build_model(), src)
+    out = tmp_path / "image_int8.onnx"
+    _, report = optimize(src, out, passes="lossless,quantize-static", latency=False, force=True,
+                         options={"calib": str(tmp_path / "imgs"), "calib_mean": "0.485,0.456,0.406",
+                                  "calib_std": "0.229,0.224,0.225", "objective": "size"})
+    d = quant_details(report)
+    assert d["calibration"]["samples"] == 12 and d["calibration"]["measured"]
+    assert report.validation["passed"] and report.validation["samples"] == 12
+    assert d["quant_ops"].get("QuantizeLinear", 0) > 0
+    assert out.stat().st_size < 0.6 * src.stat().st_size
+
+
+def test_failed_gates_leave_no_file(tmp_path):
+    out = tmp_path / "never.onnx"
+    with pytest.raises(GateError):  # accuracy gate no model can meet
+        optimize(CNN, out, passes="quantize-static", inputs=TEST, max_acc_drop=-1.0, latency=False,
+                 options={"calib": str(CALIB), "objective": "size"})
+    assert list(tmp_path.iterdir()) == []  # no temporary or partial files either
+    # (the speed gate: tests/test_quantize_search.py, with scripted timings)
+
+
+def test_cli_gate_failure_exit_1_one_line_no_file(tmp_path):
+    out = tmp_path / "x.onnx"
+    r = subprocess.run([sys.executable, "-m", "onnxslim.cli", str(CNN), str(out), "--passes", "quantize-static",
+                        "--calib", str(CALIB), "--max-acc-drop", "-1", "--objective", "size",
+                        "--json", str(tmp_path / "r.json")], capture_output=True, text=True)
+    assert r.returncode == 1
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "accuracy" in err[0] and "nothing written" in err[0]
+    assert not out.exists()
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert not rep["written"] and rep["extra"]["quantize"]["fallback"]  # it tried before refusing
+
+
+def test_quant_exclude_unknown_node_is_input_error(tmp_path):
+    from onnxslim.errors import InputError
+
+    with pytest.raises(InputError) as e:
+        optimize(CNN, tmp_path / "x.onnx", passes="quantize-static", latency=False,
+                 options={"calib": str(CALIB), "quant_exclude": "no_such_node"})
+    assert "no_such_node" in str(e.value)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_static_needs_calibration(tmp_path):
+    from onnxslim.errors import InputError
+
+    with pytest.raises(InputError) as e:
+        optimize(CNN, tmp_path / "x.onnx", passes="quantize-static", latency=False)
+    assert "--calib" in str(e.value)
