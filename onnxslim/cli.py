@@ -115,6 +115,8 @@ def cli() -> None:
 @click.option("--custom-op-library", type=str, help="Shared library of custom ops to register in onnxruntime.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.option("--fold-size-limit", type=str,
+              help="Constant folding: largest tensor a fold may add, e.g. 4MB (default); folds that do not grow the model always run.")
 @_options(CALIB_OPTIONS + GATE_OPTIONS + PRUNE_OPTIONS + QUANT_OPTIONS)
 def optimize_cmd(input_path: str, output_path: str, passes: str, input_shape: tuple[str, ...], inputs: str | None,
                  atol: float, rtol: float, no_validate: bool, check_each_pass: bool, force: bool,
