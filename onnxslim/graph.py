@@ -322,6 +322,12 @@ def tensor_dtype(t: gs.Tensor) -> np.dtype | None:
         return None
 
 
+def placeholder(base: str) -> gs.Variable:
+    """An output nobody reads, for a node that must keep its output count until cleanup removes it.
+    Named after the tensor it stands in for, so that runs stay byte-identical."""
+    return gs.Variable(f"{base}__unused")
+
+
 def substitute(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> bool:
     """Make every reader of ``old`` read ``new`` (which holds the same value); ``old``'s producer goes dead.
 
@@ -343,7 +349,7 @@ def substitute(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> bool:
         if old.inputs:  # its old producer keeps its output arity (a placeholder nobody reads)
             p = old.inputs[0]
             j = next(i for i, t in enumerate(p.outputs) if t is old)
-            p.outputs[j] = gs.Variable(f"{old.name}__unused_{id(p):x}")
+            p.outputs[j] = placeholder(old.name)
         for reader in list(new.outputs):
             for i, t in enumerate(reader.inputs):
                 if t is new:

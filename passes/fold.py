@@ -27,7 +27,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from onnxslim.errors import InputError
 from onnxslim.graph import (NONDETERMINISTIC_OPS, const_value, has_subgraph, is_default_domain, is_tensor,
-                            static_shape)
+                            placeholder, static_shape)
 from onnxslim.manager import Context, Pass, PassResult, register
 
 DEFAULT_SIZE_LIMIT = 4 << 20
@@ -180,7 +180,7 @@ def _set_constant(g: gs.Graph, node: gs.Node, out: gs.Tensor, values: Any) -> No
     """``out`` (an output of ``node``) now holds ``values``: an initializer, or a Constant node for graph outputs."""
     if any(o is out for o in g.outputs):
         idx = next(i for i, t in enumerate(node.outputs) if t is out)
-        node.outputs[idx] = gs.Variable(f"{out.name}__folded_{id(node):x}")
+        node.outputs[idx] = placeholder(out.name)
         g.nodes.append(gs.Node("Constant", name=f"{out.name}__const", attrs={"value": gs.Constant(f"{out.name}__value", values)},
                                outputs=[out]))
         return

@@ -95,6 +95,11 @@ class ShapeInference(Pass):
 
     def run(self, model: ModelProto, ctx: Context) -> PassResult:
         notes: list[str] = []
+        given = model
+        if ctx.original is not None and model is ctx.original.proto:
+            # The original is the validation reference (and the caller's object): edit a copy.
+            model = ModelProto()
+            model.CopyFrom(given)
         fixed = fix_input_shapes(model, ctx.input_shapes) if ctx.input_shapes else False
         before = [_vi_key(v) for v in model.graph.value_info]
         light = _light_copy(model)
@@ -105,7 +110,8 @@ class ShapeInference(Pass):
         except Exception as e:  # noqa: BLE001 - inference is an aid: without it the model stays as it was
             first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
             notes.append(f"shape inference failed, value_info kept as it was: {first[:200]}")
-            return PassResult(changed=fixed, notes=notes, stats={"value_info": len(before)})
+            return PassResult(changed=fixed, notes=notes, stats={"value_info": len(before)},
+                              model=model if model is not given else None)
         new = list(inferred.graph.value_info)
         have = {vi.name for vi in new}
         produced = {o for n in model.graph.node for o in n.output}
@@ -121,5 +127,5 @@ class ShapeInference(Pass):
             if mine.SerializeToString() != theirs.SerializeToString():
                 mine.CopyFrom(theirs)
                 changed = True
-        return PassResult(changed=changed, notes=notes,
+        return PassResult(changed=changed, notes=notes, model=model if model is not given else None,
                           stats={"value_info": len(new), "input_dims_fixed": int(fixed)})
