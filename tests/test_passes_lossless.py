@@ -396,3 +396,17 @@ def test_lossless_pipeline_preserves_the_contract():
     assert {(o.domain, o.version) for o in result.opset_import} == {(o.domain, o.version) for o in m.opset_import}
     assert report.validation["passed"]
     assert_same(m, result, x_feed((3, 3, 8, 8)), rtol=1e-4, atol=1e-4)
+
+
+def test_cse_large_constants_compared_in_full():
+    big = RNG.standard_normal((512, 300)).astype(np.float32)  # 600 KB: fingerprinted from a sample
+    almost = big.copy()
+    almost[257, 131] += 1.0  # differs where the sample may not look
+    nodes = [h.make_node("MatMul", ["x", "w1"], ["a"]), h.make_node("MatMul", ["x", "w2"], ["b"]),
+             h.make_node("MatMul", ["x", "w3"], ["c"]), h.make_node("Sum", ["a", "b", "c"], ["y"])]
+    m = model(nodes, [vi("x", [2, 512])], [vi("y", None)],
+              [init("w1", big), init("w2", big.copy()), init("w3", almost)])
+    out, res = run_pass(m, "cse")
+    assert res.stats["constants_merged"] == 1 and len(out.graph.initializer) == 2
+    assert op_histogram(out) == {"MatMul": 2, "Sum": 1}
+    assert_same(m, out, x_feed((2, 512)), rtol=1e-4, atol=1e-4)
