@@ -303,50 +303,6 @@ def prune_opsets(model: ModelProto) -> None:
     model.opset_import.extend(keep)
 
 
-def gemm_to_matmul(model: ModelProto) -> int:
-    """Rewrite Gemm(A, const B, C) with alpha=beta=1, transA=0 as MatMul(A, B') + Add(C).
-
-    onnxruntime's dynamic quantizer knows MatMul but not Gemm; without this an MLP exported as Gemm
-    is not quantized at all. Exact in float (a transpose of a constant and the same sums)."""
-    inits = {t.name: t for t in model.graph.initializer}
-    users: dict[str, int] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            users[i] = users.get(i, 0) + 1
-    new_nodes = []
-    count = 0
-    for n in model.graph.node:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        if (n.op_type != "Gemm" or n.domain not in ("", "ai.onnx") or len(n.input) < 2 or n.input[1] not in inits
-                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0)):
-            new_nodes.append(n)
-            continue
-        b = numpy_helper.to_array(inits[n.input[1]])
-        if attrs.get("transB", 0):
-            b = b.T
-            name = n.input[1] + "_T" if users.get(n.input[1], 0) > 1 else n.input[1]
-            t = numpy_helper.from_array(np.ascontiguousarray(b), name)
-            if name == n.input[1]:
-                inits[name].CopyFrom(t)
-            else:
-                model.graph.initializer.append(t)
-                inits[name] = model.graph.initializer[-1]
-            b_name = name
-        else:
-            b_name = n.input[1]
-        has_c = len(n.input) > 2 and n.input[2]
-        mm_out = n.output[0] + "_matmul" if has_c else n.output[0]
-        new_nodes.append(onnx.helper.make_node("MatMul", [n.input[0], b_name], [mm_out], name=n.name or None))
-        if has_c:
-            new_nodes.append(onnx.helper.make_node("Add", [mm_out, n.input[2]], [n.output[0]],
-                                                   name=(n.name + "_bias") if n.name else None))
-        count += 1
-    if count:
-        del model.graph.node[:]
-        model.graph.node.extend(new_nodes)
-    return count
-
-
 def depthwise_convs(model: ModelProto) -> list[str]:
     """Names of grouped convolutions (depthwise and group>1): INT8 kernels for them are often slower."""
     return [n.name for n in model.graph.node if n.op_type == "Conv" and any(
@@ -374,6 +330,10 @@ class Quantizer:
         if "DepthwiseConv" in cfg.float_ops:
             names.update(depthwise_convs(self.model))
         names.update(n.name for n in self.model.graph.node if n.op_type in cfg.float_ops)
+        if cfg.kind == "dynamic":
+            # The dynamic quantizer first rewrites Gemm 'g' as MatMul 'g_MatMul' (+ Add 'g_Add').
+            gemms = {n.name for n in self.model.graph.node if n.op_type == "Gemm"}
+            names.update(f"{g}_MatMul" for g in names & gemms)
         return sorted(names)
 
     def quantize(self, cfg: QuantConfig) -> ModelProto:
@@ -844,7 +804,8 @@ def _quantizable_nodes(model: ModelProto, cfg: QuantConfig) -> set[str]:
         from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
 
         # onnxruntime's defaults: quantize_dynamic takes IntegerOps; quantize_static the union of both registries.
-        types = set(IntegerOpsRegistry) if cfg.kind == "dynamic" else set(QDQRegistry) | set(QLinearOpsRegistry)
+        types = (set(IntegerOpsRegistry) | {"Gemm"} if cfg.kind == "dynamic"
+                 else set(QDQRegistry) | set(QLinearOpsRegistry))
     return {n.name for n in model.graph.node if n.op_type in types}
 
 
@@ -880,7 +841,7 @@ def gate_from_options(options: dict[str, Any]) -> Gate:
 
 
 def _prepare(model: ModelProto, cfg: QuantConfig, kind: str, notes: list[str]) -> tuple[ModelProto, QuantConfig]:
-    """Copy, name nodes, make the model quantizable (opset, Gemm for dynamic), run ORT pre-processing."""
+    """Copy, name nodes, upgrade the opset where quantization needs it, run ORT pre-processing."""
     prep = copy.deepcopy(model)
     named = name_nodes(prep)
     if named:
@@ -900,12 +861,9 @@ def _prepare(model: ModelProto, cfg: QuantConfig, kind: str, notes: list[str]) -
                 notes.append(f"opset {opset} could not be converted to {want} ({e}): per-tensor weights instead")
             else:
                 raise InputError(f"opset {opset} model cannot be converted to opset {want} for quantization: {e}") from None
-    if kind == "dynamic" and (cfg.op_types is None or {"Gemm", "MatMul"} & set(cfg.op_types)):
-        n = gemm_to_matmul(prep)
-        if n:
-            notes.append(f"{n} Gemm -> MatMul+Add (onnxruntime's dynamic quantizer has no Gemm)")
-            if cfg.op_types and "Gemm" in cfg.op_types and "MatMul" not in cfg.op_types:
-                cfg = replace(cfg, op_types=tuple(cfg.op_types) + ("MatMul",))
+    if kind == "dynamic" and cfg.op_types and "Gemm" in cfg.op_types and "MatMul" not in cfg.op_types:
+        # onnxruntime's dynamic quantizer rewrites Gemm as MatMul(+Add) and then quantizes MatMul.
+        cfg = replace(cfg, op_types=tuple(cfg.op_types) + ("MatMul",))
     prep, note = preprocess(prep)
     notes.append(note)
     missing = [n for n in cfg.exclude if n not in {x.name for x in prep.graph.node}]

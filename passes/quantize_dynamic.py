@@ -1,8 +1,8 @@
 """quantize-dynamic: INT8 weights, activations quantized at run time (onnxruntime's quantize_dynamic).
 
-For MatMul/Gemm/Attention/LSTM-heavy models; needs no calibration data. Gemm is rewritten to
-MatMul+Add first (onnxruntime's dynamic quantizer skips Gemm). Dynamic Conv (ConvInteger) is usually
-much slower than float: it is timed, kept in float when slower, and the report suggests quantize-static.
+For MatMul/Gemm/Attention/LSTM-heavy models; needs no calibration data. Dynamic Conv (ConvInteger) is
+usually much slower than float: it is timed, kept in float when slower, and the report suggests
+quantize-static.
 """
 
 from __future__ import annotations
