@@ -275,8 +275,9 @@ class _Fuser:
                 continue
             w = _float_const(p.inputs[1])
             a = p.inputs[0]
-            if w is None or w.ndim != 2 or w.dtype != c.dtype or a.shape is None or len(a.shape) != 2:
-                continue
+            if (w is None or w.ndim != 2 or w.dtype != c.dtype or w.dtype not in (np.float32, np.float64)
+                    or a.shape is None or len(a.shape) != 2):
+                continue  # onnxruntime's CPU Gemm has no float16 kernel
             if _channel_vector(c, 2, 1, w.shape[1]) is None or self.opset < 7:
                 continue
             p.op = "Gemm"

@@ -77,6 +77,21 @@ def _light_copy(model: ModelProto) -> ModelProto:
     return light
 
 
+def _take_static_dims(mine: onnx.ValueInfoProto, theirs: onnx.ValueInfoProto) -> bool:
+    """Dims of ``mine`` that are symbolic or unknown take ``theirs``'s static value (same rank only)."""
+    a, b = mine.type.tensor_type, theirs.type.tensor_type
+    if not (mine.type.HasField("tensor_type") and a.HasField("shape") and b.HasField("shape")
+            and len(a.shape.dim) == len(b.shape.dim)):
+        return False
+    changed = False
+    for da, db in zip(a.shape.dim, b.shape.dim):
+        if not da.HasField("dim_value") and db.HasField("dim_value"):
+            da.Clear()
+            da.dim_value = db.dim_value
+            changed = True
+    return changed
+
+
 def _vi_key(vi: onnx.ValueInfoProto) -> bytes:
     return vi.SerializeToString()
 
@@ -121,6 +136,9 @@ class ShapeInference(Pass):
         if after != before:
             del model.graph.value_info[:]
             model.graph.value_info.extend(new)
+        if fixed:  # the user asked for static shapes: outputs get the dims that now follow from them
+            for mine, theirs in zip(model.graph.output, inferred.graph.output):
+                changed |= _take_static_dims(mine, theirs)
         # value_info inside If/Loop/Scan bodies lives in the nodes' graph attributes.
         for i in _subgraph_nodes(model):
             mine, theirs = model.graph.node[i], inferred.graph.node[i]

@@ -193,6 +193,7 @@ def test_shape_inference_input_shape_fixes_dynamic_dims():
     out, res = run_pass(m, "shape-inference", Context(input_shapes={"x": [1, 3, 224, 224]}))
     dims = [d.dim_value for d in out.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 3, 224, 224] and res.stats["input_dims_fixed"] == 1
+    assert [d.dim_value for d in out.graph.output[0].type.tensor_type.shape.dim] == [1, 3, 224, 224]
     with pytest.raises(onnxslim.InputError):
         run_pass(m, "shape-inference", Context(input_shapes={"x": [1, 4, 224, 224]}))  # conflicts with the fixed 3
 
