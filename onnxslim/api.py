@@ -89,7 +89,7 @@ def measure_latency(original: ModelProto, optimized: ModelProto, input_shapes: d
     """Median one-thread latency of both models at each batch size, interleaved in one process.
 
     ``sources``: what onnxruntime loads (e.g. files) when the protos hold stubs."""
-    from onnxslim.runtime import compare_latency
+    from onnxslim.runtime import make_session, paired_latency
 
     out: dict[str, Any] = {}
     fixed = static_batch(original)
@@ -98,11 +98,13 @@ def measure_latency(original: ModelProto, optimized: ModelProto, input_shapes: d
             continue
         try:
             feeds = make_inputs(original, input_shapes, batch=b, seed=1)
-            before, after = compare_latency(list(sources or (original, optimized)), feeds, threads=1)
+            a, c = (make_session(m, threads=1) for m in (sources or (original, optimized)))
+            # ratio: median of run-by-run ratios (robust to load from other processes), not a ratio of medians
+            before, after, ratio = paired_latency(a, c, feeds)
         except Exception as e:  # noqa: BLE001 - latency is information, never a reason to fail
             out[f"batch{b}"] = {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}
             continue
-        out[f"batch{b}"] = {"before_ms": before, "after_ms": after, "ratio": after / before if before else None}
+        out[f"batch{b}"] = {"before_ms": before, "after_ms": after, "ratio": ratio}
     return out
 
 

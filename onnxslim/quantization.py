@@ -439,48 +439,17 @@ def latency_batches(model: ModelProto) -> tuple[int, ...]:
     return (fixed,) if fixed is not None else LATENCY_BATCHES
 
 
-def paired_latency(a: Any, b: Any, feeds_a: dict[str, np.ndarray], feeds_b: dict[str, np.ndarray], *,
-                   seconds: float = 1.0, min_runs: int = 15, max_runs: int = 400) -> tuple[float, float, float]:
-    """Median ms of two sessions and the median of their per-run ratio a/b.
-
-    Runs alternate a, b, a, b ...: a burst of load from other processes hits both sides of a pair,
-    so the paired ratio stays stable on a shared machine where separate medians drift by 2x."""
-    import time
-
-    def timed(s: Any) -> float:
-        f = feeds_a if s is a else feeds_b
-        t0 = time.perf_counter()
-        s.run(None, f)
-        return time.perf_counter() - t0
-
-    for _ in range(3):
-        timed(a), timed(b)
-    probe = timed(a) + timed(b)
-    runs = int(min(max_runs, max(min_runs, seconds / max(probe, 1e-6))))
-    ta, tb = [], []
-    for i in range(runs):
-        if i % 2:  # alternate which goes first: neither side always gets the warm cache
-            tb.append(timed(b))
-            ta.append(timed(a))
-        else:
-            ta.append(timed(a))
-            tb.append(timed(b))
-    ratio = float(np.median(np.asarray(ta) / np.asarray(tb)))
-    return float(np.median(ta)) * 1e3, float(np.median(tb)) * 1e3, ratio
-
-
 def measure_speed(reference: ModelProto, candidate: ModelProto, input_shapes: dict[str, list[int]],
                   batches: tuple[int, ...], seconds: float | None = None) -> dict[int, dict[str, float]]:
     """Latency of both models per batch (one thread each), paired run by run in one process."""
-    from onnxslim.runtime import make_session, session_feed
+    from onnxslim.runtime import make_session, paired_latency
 
     sa, sb = make_session(reference, threads=1), make_session(candidate, threads=1)
     out: dict[int, dict[str, float]] = {}
     for b in batches:
         feeds = make_inputs(reference, input_shapes, batch=b, seed=1)
-        ref_ms, cand_ms, ratio = paired_latency(sa, sb, session_feed(sa, feeds), session_feed(sb, feeds),
-                                                seconds=LATENCY_SECONDS if seconds is None else seconds)
-        out[b] = {"before_ms": ref_ms, "after_ms": cand_ms, "speedup": ratio}
+        ref_ms, cand_ms, ratio = paired_latency(sa, sb, feeds, seconds=LATENCY_SECONDS if seconds is None else seconds)
+        out[b] = {"before_ms": ref_ms, "after_ms": cand_ms, "speedup": 1.0 / ratio if ratio else 0.0}
     return out
 
 

@@ -100,7 +100,7 @@ def format_report(r: Report, totals: bool = True) -> str:
         for key, val in r.latency.items():
             if isinstance(val, dict) and "before_ms" in val:
                 rows.append([f"latency {key}", f"{val['before_ms']:.3f} ms", f"{val['after_ms']:.3f} ms",
-                             _ratio(val["before_ms"], val["after_ms"])])
+                             f"{val['ratio']:.2f}x" if val.get("ratio") else _ratio(val["before_ms"], val["after_ms"])])
     lines = [_table(rows)] if len(rows) > 1 else []
     if r.passes:
         agg: dict[str, dict[str, float]] = {}

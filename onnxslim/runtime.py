@@ -110,3 +110,32 @@ def compare_latency(models: Sequence[ModelProto | str | Path], inputs: dict[str,
         for i, s in enumerate(sessions):
             per_model[i].append(latency_ms(s, inputs, runs=max(3, runs // rounds), warmup=2))
     return [float(np.median(v)) for v in per_model]
+
+
+def paired_latency(a: ort.InferenceSession, b: ort.InferenceSession, inputs: dict[str, np.ndarray], *,
+                   seconds: float = 1.0, min_runs: int = 15, max_runs: int = 400) -> tuple[float, float, float]:
+    """Median ms of two sessions and the median of their per-run ratio b/a.
+
+    Runs alternate a, b, b, a, a, b ...: a burst of load from other processes hits both sides of a
+    pair, so the paired ratio stays stable on a shared machine where separate medians drift by 2x."""
+    fa, fb = session_feed(a, inputs), session_feed(b, inputs)
+
+    def timed(s: ort.InferenceSession, f: dict[str, np.ndarray]) -> float:
+        t0 = time.perf_counter()
+        s.run(None, f)
+        return time.perf_counter() - t0
+
+    for _ in range(3):
+        timed(a, fa), timed(b, fb)
+    probe = timed(a, fa) + timed(b, fb)
+    runs = int(min(max_runs, max(min_runs, seconds / max(probe, 1e-6))))
+    ta, tb = [], []
+    for i in range(runs):
+        if i % 2:  # alternate which goes first: neither side always gets the warm cache
+            tb.append(timed(b, fb))
+            ta.append(timed(a, fa))
+        else:
+            ta.append(timed(a, fa))
+            tb.append(timed(b, fb))
+    ratio = float(np.median(np.asarray(tb) / np.asarray(ta)))
+    return float(np.median(ta)) * 1e3, float(np.median(tb)) * 1e3, ratio
