@@ -892,8 +892,9 @@ def quantize_pass(model: ModelProto, ctx: Any, kind: str) -> Any:
         ctx.warn(f"quantize-{kind}: the INT8 model is NOT FASTER than float at batch {' and '.join(map(str, slower))} "
                  f"({speed_txt}) after trying {len(search.tried)} configuration(s)")
     if size_x >= 1.0:
-        ctx.warn(f"quantize-{kind}: the INT8 file is not smaller ({size_x:.2f}x): the model is too small for the "
-                 f"quantization parameters to pay off")
+        why = (f"{len(float_nodes)} node(s) are kept in float" if float_nodes
+               else "the model is too small for the quantization parameters to pay off")
+        ctx.warn(f"quantize-{kind}: the INT8 file is not smaller ({size_x:.2f}x): {why}")
     if gate.min_speedup is not None and best.speed and best.speedup < gate.min_speedup:
         ctx.gate_failures.append(
             f"quantize-{kind}: speedup {best.speedup:.2f}x (geometric mean over batch "

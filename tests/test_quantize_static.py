@@ -161,3 +161,19 @@ def test_static_needs_calibration(tmp_path):
     with pytest.raises(InputError) as e:
         optimize(CNN, tmp_path / "x.onnx", passes="quantize-static", latency=False)
     assert "--calib" in str(e.value)
+
+
+@pytest.mark.slow  # prune + refit + quantize + validation: ~20 s on 2 busy cores
+def test_prune_refit_quantize_pipeline_one_report(tmp_path):
+    out = tmp_path / "cnn_pq.onnx"
+    _, report = optimize(CNN, out, passes="lossless,prune,quantize-static", inputs=TEST,
+                         options={"calib": str(CALIB), "prune_ratio": 0.3})
+    assert out.stat().st_size <= 0.20 * CNN.stat().st_size
+    assert accuracy(out, TEST) >= accuracy(CNN, TEST) - 1.0
+    stages = [s["name"] for s in report.stages]
+    assert stages == ["original", "prune", "quantize-static"]
+    for s in report.stages:
+        assert s["size"] > 0 and s["params"] > 0 and s["accuracy"] is not None and s["latency_ms"] is not None
+    assert report.stages[1]["params"] < report.stages[0]["params"]
+    assert report.stages[2]["size"] < 0.5 * report.stages[1]["size"]
+    assert {"batch1", "batch64"} <= set(report.latency)
