@@ -5,6 +5,7 @@ type it already has, Reshape/Expand to the shape the input already has, identity
 Transpose pairs that cancel, Pad with all-zero pads, Slice over the whole tensor, Squeeze/Unsqueeze
 pairs that cancel, Add/Sub of zeros and Mul/Div by ones that do not broadcast, single-input Concat.
 Its readers are rerouted to its input; graph inputs and outputs keep their names (``substitute``).
+Consecutive Transposes and consecutive Reshapes are also merged into one node.
 Unused initializers and value_info disappear with the tensors nobody reads.
 """
 
@@ -292,6 +293,31 @@ def noop_source(node: gs.Node, g: gs.Graph) -> gs.Tensor | None:
     return None
 
 
+def fuse_with_producer(node: gs.Node, g: gs.Graph) -> bool:
+    """Transpose(Transpose(x)) -> one Transpose, Reshape(Reshape(x)) -> one Reshape: the second node reads
+    ``x`` directly (the first dies if nothing else reads it). Exact: a composed permutation; a reshape
+    whose target has no 0 (copy-a-dim) entry does not depend on the shape it starts from."""
+    if not is_default_domain(node) or not node.inputs or not node.outputs or not node.inputs[0].name:
+        return False
+    first = _producer(node.inputs[0], g)
+    if first is None or first.op != node.op or not is_default_domain(first) or not first.inputs:
+        return False
+    if node.op == "Transpose":
+        p1, p2 = _perm(first, first.inputs[0]), _perm(node, node.inputs[0])
+        if p1 is None or p2 is None or len(p1) != len(p2):
+            return False
+        node.attrs["perm"] = [p1[i] for i in p2]
+        node.inputs[0] = first.inputs[0]
+        return True
+    if node.op == "Reshape" and int(g.opset or 0) >= 5:
+        target = _ints(_input(node, 1))
+        if target is None or (0 in target and not int(node.attrs.get("allowzero", 0))):
+            return False
+        node.inputs[0] = first.inputs[0]
+        return True
+    return False
+
+
 @register
 class DeadCodeElimination(Pass):
     name = "dce"
@@ -302,7 +328,7 @@ class DeadCodeElimination(Pass):
 
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
         before = live_node_count(graph)
-        bypassed = 0
+        bypassed = fused = 0
         for g in list(iter_graphs(graph)):
             for node in list(g.nodes):
                 if not node.outputs:
@@ -310,9 +336,14 @@ class DeadCodeElimination(Pass):
                 src = noop_source(node, g)
                 if src is not None and substitute(g, node.outputs[0], src):
                     bypassed += 1
+                elif node.op in ("Transpose", "Reshape") and fuse_with_producer(node, g):
+                    fused += 1
+                    src = noop_source(node, g)  # a fused pair may now be the identity
+                    if src is not None and substitute(g, node.outputs[0], src):
+                        bypassed += 1
         graph.cleanup(remove_unused_graph_inputs=False)
         for fn in graph.functions or []:
             fn.cleanup(remove_unused_graph_inputs=False)
         after = live_node_count(graph)
-        return PassResult(changed=after != before or bypassed > 0,
-                          stats={"nodes_removed": before - after, "noops_bypassed": bypassed})
+        return PassResult(changed=after != before or bypassed > 0 or fused > 0,
+                          stats={"nodes_removed": before - after, "noops_bypassed": bypassed, "pairs_fused": fused})

@@ -124,19 +124,39 @@ def test_dce_keeps_ops_that_do_something():
         h.make_node("Cast", ["a"], ["b"], to=T.DOUBLE),
         h.make_node("Cast", ["b"], ["c"], to=T.FLOAT),
         h.make_node("Transpose", ["c"], ["d"], perm=[1, 0, 2]),
-        h.make_node("Transpose", ["d"], ["e"], perm=[0, 2, 1]),  # does not cancel the first
+        h.make_node("Relu", ["d"], ["d2"]),
+        h.make_node("Transpose", ["d2"], ["e"], perm=[1, 0, 2]),  # would cancel, but a Relu sits between
         h.make_node("Slice", ["e", "starts", "ends"], ["f"]),  # drops one row
         h.make_node("Pad", ["f", "pads"], ["g"]),
         h.make_node("Expand", ["g", "bigger"], ["k"]),  # broadcasts
-        h.make_node("Add", ["k", "half"], ["y"]),
+        h.make_node("Reshape", ["k", "flat"], ["k2"]),
+        h.make_node("Reshape", ["k2", "copy0"], ["k3"]),  # copies a dim of k2 (0): depends on the first
+        h.make_node("Add", ["k3", "half"], ["y"]),
     ]
     inits = [init("other_shape", np.array([6, 4, 5], np.int64)), init("starts", np.array([1], np.int64)),
              init("ends", np.array([100], np.int64)), init("pads", np.array([0, 0, 1, 0, 0, 0], np.int64)),
-             init("bigger", np.array([2, 1, 1, 1], np.int64)), init("half", np.float32(0.5))]
+             init("bigger", np.array([2, 1, 1, 1], np.int64)), init("flat", np.array([10, -1], np.int64)),
+             init("copy0", np.array([0, 4, -1], np.int64)), init("half", np.float32(0.5))]
     m = model(nodes, [vi("x", [2, 3, 4, 5])], [vi("y", None)], inits)
     out, res = run_pass(m, "dce")
     assert not res.changed
     assert node_count(out) == len(nodes)
+    assert_same(m, out, x_feed())
+
+
+def test_dce_merges_consecutive_transposes_and_reshapes():
+    nodes = [h.make_node("Transpose", ["x"], ["a"], perm=[0, 2, 3, 1]),
+             h.make_node("Transpose", ["a"], ["b"], perm=[3, 0, 2, 1]),  # composed: one Transpose
+             h.make_node("Reshape", ["b", "s1"], ["c"]),
+             h.make_node("Reshape", ["c", "s2"], ["d"]),  # no 0 entry: reads b directly
+             h.make_node("Neg", ["d"], ["y"]),
+             h.make_node("Neg", ["a"], ["z"])]  # a keeps its Transpose for this reader
+    m = model(nodes, [vi("x", [2, 3, 4, 5])], [vi("y", None), vi("z", None)],
+              [init("s1", np.array([-1], np.int64)), init("s2", np.array([6, -1, 5], np.int64))])
+    out, res = run_pass(m, "dce")
+    assert op_histogram(out) == {"Neg": 2, "Reshape": 1, "Transpose": 2}
+    assert res.stats["pairs_fused"] == 2
+    assert_same(m, out, x_feed())
 
 
 def test_dce_identity_on_graph_output_keeps_the_name():
