@@ -655,6 +655,7 @@ class QuantSearch:
         self.search_enabled = search
         self.tried: list[Candidate] = []
         self.before_fallback: Candidate | None = None
+        self.failed: list[str] = []  # configurations onnxruntime could not quantize or run
         self.fallback_steps: list[dict[str, Any]] = []
         self.batches = latency_batches(float_model)
 
@@ -713,7 +714,11 @@ class QuantSearch:
                 if cfg.label() in seen or len(self.tried) >= SEARCH_BUDGET:
                     continue
                 seen.add(cfg.label())
-                c = self.evaluate(cfg, timed=False)
+                try:
+                    c = self.evaluate(cfg, timed=False)
+                except Exception as e:  # noqa: BLE001 - one failing configuration must not end the search
+                    self.failed.append(f"{cfg.label()}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                    continue
                 if not quant_op_counts(c.model) or not c.quality.passed:
                     continue  # all float (that is the float model), or not accurate enough: not worth timing
                 self.time(c)
@@ -752,7 +757,11 @@ class QuantSearch:
             k = max(1, min(len(ranked), (2 ** ((steps - 1) // 2)) * max(1, n_quant // 32)))
             moved = list(dict.fromkeys(x for r in ranked[:k] for x in r["nodes"]))
             cfg = replace(cand.cfg, exclude=tuple(cand.cfg.exclude) + tuple(moved))
-            nxt = self.evaluate(cfg, timed=False)
+            try:
+                nxt = self.evaluate(cfg, timed=False)
+            except Exception as e:  # noqa: BLE001
+                self.failed.append(f"{cfg.label()}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                break
             self.fallback_steps.append({"step": steps, "moved_to_float": moved,
                                         "ranking": ranked[:max(5, k)], "quality": nxt.quality.to_dict(),
                                         "metric": nxt.quality.summary()})
@@ -859,6 +868,9 @@ def quantize_pass(model: ModelProto, ctx: Any, kind: str) -> Any:
     from onnxslim.manager import PassResult
     from onnxslim.model import PROTO_LIMIT
 
+    if not {n.op_type for n in model.graph.node} & set(COMPUTE_OPS + ("Gather", "EmbedLayerNormalization")):
+        ctx.warn(f"quantize-{kind}: nothing to quantize (no {'/'.join(COMPUTE_OPS)} node); the model is left in float")
+        return PassResult(changed=False, notes=[f"nothing to quantize: no {'/'.join(COMPUTE_OPS)} node"])
     data = ctx.calibration(model, required=kind == "static")
     cfg, fixed, why = config_from_options(ctx.options, kind, model)
     gate = gate_from_options(ctx.options)
@@ -896,6 +908,8 @@ def quantize_pass(model: ModelProto, ctx: Any, kind: str) -> Any:
         notes.append(f"fallback step {st['step']}: {what}; {st['metric']}")
     if float_nodes:
         notes.append(f"kept in float: {names(float_nodes)}")
+    for f in search.failed:
+        notes.append(f"skipped (onnxruntime failed): {f}")
     notes.append(f"result: file {size_x:.2f}x, {speed_txt}; {best.quality.summary()}")
     if kind == "dynamic" and "Conv" in {n.op_type for n in prep.graph.node} and first.speed:
         slow = 1 / first.worst_speedup if first.worst_speedup else float("inf")
@@ -929,7 +943,7 @@ def quantize_pass(model: ModelProto, ctx: Any, kind: str) -> Any:
         "notes": notes, "size_ratio": round(size_x, 4), "quality": best.quality.to_dict(),
         "latency": {f"batch{b}": v for b, v in best.speed.items()},
         "candidates": [c.row() for c in search.tried],
-        "fallback": search.fallback_steps, "nodes_in_float": float_nodes,
+        "fallback": search.fallback_steps, "nodes_in_float": float_nodes, "failed_configurations": search.failed,
         "quant_ops": quant_op_counts(best.model),
         "calibration": None if data is None else {"source": data.source, "samples": data.size,
                                                   "batch": data.batch_size, "measured": data.measured},
