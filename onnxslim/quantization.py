@@ -4,13 +4,13 @@ onnxruntime's tool quantizes well but leaves four gaps that this module closes:
 
 - it needs a CalibrationDataReader: ``CalibReader`` adapts onnxslim's CalibrationData;
 - its pre-processing needs sympy and can crash; ``preprocess`` falls back step by step and says why;
-- per-channel QDQ below opset 13 writes ``DequantizeLinear(axis=...)``, invalid there: ``prepare`` upgrades
-  the model to opset 13 first;
+- per-channel QDQ below opset 13 writes ``DequantizeLinear(axis=...)``, invalid there: ``_prepare``
+  upgrades the model to opset 13 first;
 - it never checks that the result is faster or still accurate: ``QuantSearch`` times every candidate
-  against the float model (interleaved, batch 1 and a large batch), tries what can win when INT8 is
-  slower (float depthwise convs, per-tensor weights, the other activation type, compute ops only),
-  and moves the nodes that lose the most signal (SQNR from ``qdq_loss_debug``) back to float until
-  the accuracy gate passes.
+  against the float model (paired runs, batch 1 and a large batch), tries what can win when INT8 is
+  slower (float depthwise convs, compute ops only, per-tensor/per-channel, the other activation type),
+  and moves the nodes that lose the most signal back to float until the accuracy gate passes. The
+  signal loss is qdq_loss_debug's SQNR, averaged per channel so that an outlier channel cannot hide it.
 
 The passes (quantize-static, quantize-dynamic) only choose settings and call ``QuantSearch.run``.
 """
@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
-from onnx import ModelProto, numpy_helper
+from onnx import ModelProto
 
 from onnxslim.calibration import CalibrationData
 from onnxslim.errors import InputError
@@ -58,11 +58,12 @@ def has_vnni() -> bool:
 
 
 def machine_defaults() -> dict[str, Any]:
-    """The static settings that are fastest at unchanged accuracy on this CPU (measured; see README).
+    """The static settings that are fastest at unchanged accuracy on this CPU.
 
-    x86: UInt8 activations, Int8 per-channel weights (onnxruntime's own default, Int8 activations, ran a
-    digits CNN 1.7x slower than fp32; U8/S8 ran it at 0.6x). Without VNNI, 7-bit weights (reduce_range)
-    avoid the u8*s8 saturation of the AVX2 kernels. ARM: Int8 activations.
+    x86 (measured, tools/bench_quant.py): UInt8 activations, Int8 per-channel weights. onnxruntime's own
+    default, Int8 activations, ran the digits CNN 1.8x slower than fp32; U8/S8 ran it at 0.6x. Without
+    VNNI, 7-bit weights (reduce_range) avoid the u8*s8 saturation of the AVX2 kernels, and ARM gets Int8
+    activations: both as onnxruntime's quantize_static documentation advises (not measured here).
     """
     arch = platform.machine().lower()
     if arch in ("arm64", "aarch64") or arch.startswith("arm"):
@@ -248,15 +249,13 @@ def upgrade_opset(model: ModelProto, target: int = PER_CHANNEL_MIN_OPSET) -> Mod
         raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
 
-def preprocess(model: ModelProto, *, optimize: bool = True) -> tuple[ModelProto, str]:
+def preprocess(model: ModelProto) -> tuple[ModelProto, str]:
     """onnxruntime's quant_pre_process (symbolic shape inference + ORT basic graph optimization),
     falling back to fewer steps when one fails. Returns the model and a note saying what ran."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     attempts = [("symbolic shape inference + ORT optimization + shape inference", dict(skip_symbolic_shape=False)),
                 ("ORT optimization + shape inference (symbolic shape inference skipped)", dict(skip_symbolic_shape=True))]
-    if not optimize:
-        attempts = [(a + " (no ORT optimization)", dict(kw, skip_optimization=True)) for a, kw in attempts]
     failures = []
     with tempfile.TemporaryDirectory(prefix="onnxslim-pre-") as tmp:
         for what, kw in attempts:
@@ -265,7 +264,7 @@ def preprocess(model: ModelProto, *, optimize: bool = True) -> tuple[ModelProto,
                 with quiet_ort() as errors:
                     quant_pre_process(copy.deepcopy(model), str(out), **kw)
                 result = onnx.load(str(out))
-                if errors and not kw.get("skip_optimization"):
+                if errors:
                     # quant_pre_process logs (not raises) an ORT optimizer failure and carries on without it.
                     failures.append(f"ORT optimization failed ({errors[0]})")
                     what = what.replace("ORT optimization + ", "")
