@@ -43,7 +43,7 @@ def test_sensitivity_cli_json(tmp_path: Path) -> None:
 
 def test_sensitivity_drift_grows_without_refit(tmp_path: Path) -> None:
     out = tmp_path / "s.json"
-    p = _cli(str(MODELS / "digits_cnn.onnx"), "--calib", CALIB, "--no-refit", "--ratios", "0.2,0.7",
+    p = _cli(str(MODELS / "digits_cnn.onnx"), "--calib", CALIB, "--no-refit", "--ratios", "0.2,0.7", "--round-to", "8",
              "--json", str(out))
     assert p.returncode == 0, p.stderr
     for g in json.loads(out.read_text())["groups"]:

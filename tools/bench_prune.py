@@ -1,0 +1,201 @@
+"""Pruning benchmark: the acceptance tables of the pruning issue, measured in one run.
+
+    python tools/bench_prune.py            # everything (a few minutes on 2 busy cores)
+    python tools/bench_prune.py --skip-target --rounds 5   # quicker
+
+Tables (markdown):
+  1. digits CNN at 0.3 / 0.5 and digits MLP at 0.5, with and without refit: params, MACs, size,
+     test accuracy (models/digits_test.npz, never seen by training or refit) and cosine to the original.
+  2. --prune-target params=0.5 against uniform --prune-ratio at the nearest parameter counts (the uniform
+     row with at least as many parameters is the fair opponent), per --round-to.
+  3. Latency (onnxruntime, 1 thread, batch 1 and 64) of the digits CNN and the ResNet-like model pruned by
+     0.3 for several --round-to, against the original after lossless cleanup (BN folded: the fair
+     baseline). Models are timed interleaved in rounds; each number is the best round's median.
+  4. Every structure model pruned at 0.3: channels per group or the reason a group was left whole.
+
+All pruning goes through onnxslim.api.optimize with --passes lossless,prune, as a user would run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from onnxslim import channels as ch  # noqa: E402
+from onnxslim.api import optimize  # noqa: E402
+from onnxslim.runtime import make_session  # noqa: E402
+
+MODELS = ROOT / "models"
+CALIB = str(MODELS / "digits_calib.npz")
+STRUCT = ["struct_resnet", "struct_mobilenetv2", "struct_unet", "struct_transformer", "struct_detector"]
+
+
+def load(name: str) -> onnx.ModelProto:
+    return onnx.load(str(MODELS / f"{name}.onnx"))
+
+
+def prune(model: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, dict]:
+    out, rep = optimize(model, None, passes="lossless,prune", validate=False, latency=False,
+                        options={"latency": False, **options})
+    return out, rep.extra["prune"]
+
+
+class Digits:
+    def __init__(self) -> None:
+        t = np.load(MODELS / "digits_test.npz")
+        self.x, self.y = {"input": t["input"]}, t["labels"]
+
+    def logits(self, model: onnx.ModelProto) -> np.ndarray:
+        return make_session(model).run(None, self.x)[0]
+
+    def acc(self, model: onnx.ModelProto) -> float:
+        return float((self.logits(model).argmax(1) == self.y).mean() * 100)
+
+    def cos(self, model: onnx.ModelProto, ref: np.ndarray) -> float:
+        o = self.logits(model)
+        return float(np.mean(np.sum(o * ref, 1) / np.linalg.norm(o, axis=1) / np.linalg.norm(ref, axis=1)))
+
+
+def md(rows: list[list[str]]) -> str:
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    line = lambda r: "| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(r)) + " |"  # noqa: E731
+    return "\n".join([line(rows[0]), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in rows[1:]])
+
+
+def pct(before: float, after: float) -> str:
+    return f"{(after / before - 1) * 100:+.1f}%"
+
+
+def table_accuracy(d: Digits) -> str:
+    rows = [["model", "ratio", "refit", "params", "MACs", "size", "test acc", "Δ acc", "cosine", "criterion"]]
+    cases = [("digits_cnn", 0.3, "Δ ≥ -1.0, params & MACs ≤ -40%"), ("digits_cnn", 0.5, "Δ ≥ -3.0"),
+             ("digits_mlp", 0.5, "Δ ≥ -1.0")]
+    for name, ratio, crit in cases:
+        model = load(name)
+        ref, acc0 = d.logits(model), d.acc(model)
+        for refit in (True, False):
+            out, rep = prune(model, prune_ratio=ratio, calib=CALIB, prune_refit=refit)
+            acc = d.acc(out)
+            p, m = rep["params"], rep["macs"]
+            ok = "-"
+            if refit:
+                lim = -1.0 if "-1.0" in crit else -3.0
+                ok = acc - acc0 >= lim
+                if "40%" in crit:
+                    ok = ok and p["after"] <= 0.6 * p["before"] and m["after"] <= 0.6 * m["before"]
+                ok = ("PASS " if ok else "FAIL ") + crit
+            rows.append([name, f"{ratio:g}", "yes" if refit else "no",
+                         f"{p['before']:,} → {p['after']:,} ({pct(p['before'], p['after'])})",
+                         f"{pct(m['before'], m['after'])}", f"{rep['size']['after'] / 1024:.0f} KB",
+                         f"{acc0:.2f} → {acc:.2f}", f"{acc - acc0:+.2f}", f"{d.cos(out, ref):.4f}", ok])
+    return md(rows)
+
+
+def table_target(d: Digits, round_tos: list[int]) -> str:
+    rows = [["model", "round-to", "how", "ratios", "params", "test acc", "cosine"]]
+    for name in ("digits_cnn", "digits_mlp"):
+        model = load(name)
+        ref = d.logits(model)
+        for rt in round_tos:
+            out, rep = prune(model, prune_target="params=0.5", calib=CALIB, round_to=rt)
+            pt = rep["params"]["after"]
+            rat = ", ".join(f"{v:g}" for v in rep["ratios"].values())
+            rows.append([name, str(rt), "**target params=0.5**", rat, f"{pt:,}", f"{d.acc(out):.2f}",
+                         f"{d.cos(out, ref):.4f}"])
+            above = below = None
+            for r in np.arange(0.05, 0.91, 0.01):
+                o2, rep2 = prune(model, prune_ratio=float(r), calib=CALIB, round_to=rt)
+                n = rep2["params"]["after"]
+                if n >= pt:
+                    above = (r, o2, n)
+                else:
+                    below = (r, o2, n)
+                    break
+            for tag, item in (("uniform, ≥ params", above), ("uniform, < params", below)):
+                if item is not None:
+                    r, o2, n = item
+                    rows.append([name, str(rt), tag, f"{r:.2f}", f"{n:,}", f"{d.acc(o2):.2f}", f"{d.cos(o2, ref):.4f}"])
+    return md(rows)
+
+
+def timed(models: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray], rounds: int, runs: int) -> dict[str, float]:
+    sessions = {k: make_session(m, threads=1) for k, m in models.items()}
+    for s in sessions.values():
+        s.run(None, feeds)
+    best = {k: float("inf") for k in sessions}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            ts = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                s.run(None, feeds)
+                ts.append(time.perf_counter() - t0)
+            best[k] = min(best[k], float(np.median(ts)))
+    return best
+
+
+def table_latency(round_tos: list[int], rounds: int) -> str:
+    rows = [["model", "variant", "channels", "params", "b1 ms", "b1 ratio", "b64 ms", "b64 ratio"]]
+    for name in ("digits_cnn", "struct_resnet"):
+        model = load(name)
+        base, _ = optimize(model, None, passes="lossless", validate=False, latency=False)
+        variants = {"original (lossless)": (base, "", ch.cost(ch.analyze(ch.traced_graph(base))).params)}
+        for rt in round_tos:
+            out, rep = prune(model, prune_ratio=0.3, round_to=rt)
+            counts = sorted({f"{g['channels']}→{g['kept']}" for g in rep["groups"] if not g["skipped"]})
+            tag = f"prune 0.3, round-to {rt}" + (" (default)" if rt == ch.DEFAULT_ROUND_TO else "")
+            variants[tag] = (out, " ".join(counts), rep["params"]["after"])
+        shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+        res = {}
+        for b, runs in ((1, 30), (64, 5)):
+            x = {model.graph.input[0].name: np.random.default_rng(0).standard_normal([b] + shape[1:]).astype(np.float32)}
+            res[b] = timed({k: v[0] for k, v in variants.items()}, x, rounds, runs)
+        b1, b64 = res[1]["original (lossless)"], res[64]["original (lossless)"]
+        for k, (_, counts, params) in variants.items():
+            rows.append([name, k, counts, f"{params:,}", f"{res[1][k] * 1e3:.3f}", f"{res[1][k] / b1:.2f}x",
+                         f"{res[64][k] * 1e3:.3f}", f"{res[64][k] / b64:.2f}x"])
+    return md(rows)
+
+
+def table_structure() -> str:
+    rows = [["model", "group", "layers", "channels", "after 0.3 / reason left whole"]]
+    for name in STRUCT:
+        model = load(name)
+        out, rep = prune(model, prune_ratio=0.3)
+        onnx.checker.check_model(out, full_check=True)
+        for g in rep["groups"]:
+            layers = ", ".join(g["layers"][:3]) + (" …" if len(g["layers"]) > 3 else "")
+            rows.append([name, g["group"], layers, str(g["channels"]), g["skipped"] or str(g["kept"])])
+        p = rep["params"]
+        rows.append([name, "total", "", "", f"params {p['before']:,} → {p['after']:,}; checker OK"])
+    return md(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=15, help="latency rounds (interleaved)")
+    ap.add_argument("--skip-target", action="store_true", help="skip the (slow) target-vs-uniform table")
+    args = ap.parse_args(argv)
+    d = Digits()
+    print(f"default --round-to on this machine: {ch.DEFAULT_ROUND_TO}\n")
+    print("## 1. Accuracy (digits, default round-to, lossless,prune with --calib models/digits_calib.npz)\n")
+    print(table_accuracy(d) + "\n", flush=True)
+    if not args.skip_target:
+        print("## 2. --prune-target params=0.5 vs uniform --prune-ratio\n")
+        print(table_target(d, [1, 8]) + "\n", flush=True)
+    print("## 3. Latency (onnxruntime CPU, 1 thread)\n")
+    print(table_latency(sorted({1, 8, ch.DEFAULT_ROUND_TO}), args.rounds) + "\n", flush=True)
+    print("## 4. Structure models at --prune-ratio 0.3 (no calibration, no refit)\n")
+    print(table_structure())
+
+
+if __name__ == "__main__":
+    main()
