@@ -286,29 +286,31 @@ def _decoder_model():
                                                helper.make_opsetid("com.microsoft.extensions", 1)])
 
 
-def _image_worker() -> None:
-    """Child process: decode + resize each file of the job on stdin; report progress on stdout."""
-    import onnxruntime as ort
-    from onnxruntime_extensions import get_library_path
-
-    ort.set_default_logger_severity(4)
-    job = json.loads(sys.stdin.read())
-    so = ort.SessionOptions()
-    so.log_severity_level = 4
-    so.register_custom_ops_library(get_library_path())
-    sess = ort.InferenceSession(_decoder_model().SerializeToString(), so, providers=["CPUExecutionProvider"])
-    sizes = np.array([job["height"], job["width"], 3], dtype=np.int64)
-    out = np.zeros((len(job["files"]), job["height"], job["width"], 3), dtype=np.float32)
-    for i, f in enumerate(job["files"]):
-        print(f"start {i}", flush=True)
-        try:
-            out[i] = sess.run(None, {"image": np.fromfile(f, dtype=np.uint8), "sizes": sizes})[0]
-        except Exception as e:  # noqa: BLE001 - reported to the parent, which names the file
-            msg = str(e).split("Status Message:")[-1].strip().splitlines()[0] if str(e) else type(e).__name__
-            print(f"error {i} {msg}", flush=True)
-            sys.exit(3)
-    np.save(job["out"], out)
-    print("done", flush=True)
+# The child's whole program: it imports only numpy and onnxruntime (importing onnxruntime_extensions
+# would cost ~2 s); the parent passes the custom-op library path and the decoder model.
+_WORKER = """
+import json, sys
+import numpy as np
+import onnxruntime as ort
+ort.set_default_logger_severity(4)
+job = json.loads(sys.stdin.read())
+so = ort.SessionOptions()
+so.log_severity_level = 4
+so.register_custom_ops_library(job["library"])
+sess = ort.InferenceSession(job["model"], so, providers=["CPUExecutionProvider"])
+sizes = np.array([job["height"], job["width"], 3], dtype=np.int64)
+out = np.zeros((len(job["files"]), job["height"], job["width"], 3), dtype=np.float32)
+for i, f in enumerate(job["files"]):
+    print(f"start {i}", flush=True)
+    try:
+        out[i] = sess.run(None, {"image": np.fromfile(f, dtype=np.uint8), "sizes": sizes})[0]
+    except Exception as e:
+        msg = str(e).split("Status Message:")[-1].strip().splitlines()[0] if str(e) else type(e).__name__
+        print(f"error {i} {msg}", flush=True)
+        sys.exit(3)
+np.save(job["out"], out)
+print("done", flush=True)
+"""
 
 
 def decode_images(files: list[Path], height: int, width: int) -> np.ndarray:
@@ -324,10 +326,18 @@ def decode_images(files: list[Path], height: int, width: int) -> np.ndarray:
         problem = _image_problem(f, head + (tail if len(head) == 16 else b""))
         if problem:
             raise InputError(f"calibration image '{f}': {problem}")
+    from onnxslim.runtime import _extensions_library
+
+    library = _extensions_library()
+    if library is None:
+        raise InputError(f"calibration images in '{files[0].parent}': decoding needs onnxruntime-extensions "
+                         f"(pip install onnxruntime-extensions)")
     with tempfile.TemporaryDirectory(prefix="onnxslim-images-") as tmp:
-        out = Path(tmp) / "pixels.npy"
-        job = json.dumps({"files": [str(f) for f in files], "height": height, "width": width, "out": str(out)})
-        cmd = [sys.executable, "-c", "from onnxslim.calibration import _image_worker; _image_worker()"]
+        out, decoder = Path(tmp) / "pixels.npy", Path(tmp) / "decoder.onnx"
+        decoder.write_bytes(_decoder_model().SerializeToString())
+        job = json.dumps({"files": [str(f) for f in files], "height": height, "width": width, "out": str(out),
+                          "library": library, "model": str(decoder)})
+        cmd = [sys.executable, "-c", _WORKER]
         timeout = IMAGE_SECONDS_BASE + IMAGE_SECONDS_EACH * len(files)
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -350,7 +360,7 @@ def decode_images(files: list[Path], height: int, width: int) -> np.ndarray:
             why = "the decoder hung" if timed_out else f"the decoder crashed (exit {proc.returncode})"
             raise InputError(f"calibration image '{files[started[-1]]}': cannot decode ({why})")
         raise InputError(f"calibration images in '{files[0].parent}': the image decoder could not start "
-                         f"(onnxruntime-extensions missing?)")
+                         f"(exit {proc.returncode})")
 
 
 def read_image_folder(folder: Path, files: list[Path], model: ModelProto, size: int | None,

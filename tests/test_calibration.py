@@ -234,6 +234,8 @@ def test_image_folder_jpeg_and_generated_images(tmp_path):
     ("cut.png", png_bytes(np.zeros((8, 8, 3), np.uint8))[:-20], "truncated PNG"),
     ("cut.jpg", b"\xff\xd8\xff\xe0" + b"\x00" * 100, "truncated JPEG"),
     ("crc.png", None, "cannot decode"),
+    # passes the structural check; libjpeg then exits the decoding process: the child dies, not onnxslim
+    ("bad.jpg", b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8 + b"\xff\xd9", "decoder crashed"),
 ])
 def test_unreadable_images_are_named(tmp_path, name, data, expect):
     folder = tmp_path / "imgs"
