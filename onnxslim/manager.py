@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx import ModelProto
 
 from onnxslim.errors import InputError, PassError, SlimError
-from onnxslim.graph import iter_graphs, to_gs, to_proto
+from onnxslim.graph import iter_graphs, to_gs, to_proto, toposort
 from onnxslim.model import Model
 
 # Presets expand to pass names. Order matters only for speed: the lossless group is
@@ -216,7 +216,7 @@ class _Workspace:
     def proto(self) -> ModelProto:
         if self._proto is None:
             g = self._graph
-            g.toposort()
+            toposort(g)
             self._proto = to_proto(g, self.template)
             self._graph = None
         return self._proto

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import const_value, is_default_domain, iter_graphs, substitute
+from onnxslim.graph import const_value, in_graph, is_default_domain, iter_graphs, substitute
 from onnxslim.manager import Context, Pass, PassResult, register
 
 FLOATS = (np.float16, np.float32, np.float64)
@@ -52,7 +52,7 @@ def _producer(t: gs.Tensor, g: gs.Graph) -> gs.Node | None:
     if len(t.inputs) != 1:
         return None
     p = t.inputs[0]
-    return p if any(n is p for n in g.nodes) and is_default_domain(p) else None
+    return p if in_graph(g, p) and is_default_domain(p) else None
 
 
 def _channel_vector(c: np.ndarray, rank: int | None, axis_from_end: int, channels: int) -> np.ndarray | None:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import (const_value, has_subgraph, is_default_domain, is_tensor, iter_graphs,
+from onnxslim.graph import (const_value, has_subgraph, in_graph, is_default_domain, is_tensor, iter_graphs,
                             live_node_count, static_shape, substitute)
 from onnxslim.manager import Context, Pass, PassResult, register
 
@@ -75,7 +75,7 @@ def _producer(t: gs.Tensor, g: gs.Graph) -> gs.Node | None:
     if len(t.inputs) != 1:
         return None
     p = t.inputs[0]
-    return p if any(n is p for n in g.nodes) else None
+    return p if in_graph(g, p) else None
 
 
 def _unused(t: gs.Tensor, g: gs.Graph) -> bool:

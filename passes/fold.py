@@ -27,7 +27,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from onnxslim.errors import InputError
 from onnxslim.graph import (NONDETERMINISTIC_OPS, const_value, has_subgraph, is_default_domain, is_tensor,
-                            placeholder, static_shape)
+                            placeholder, static_shape, toposort)
 from onnxslim.manager import Context, Pass, PassResult, register
 
 DEFAULT_SIZE_LIMIT = 4 << 20
@@ -348,14 +348,15 @@ class ConstantFolding(Pass):
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
         folder = _Folder(graph, ctx)
         try:
-            graph.toposort()
+            toposort(graph)
         except Exception as e:  # noqa: BLE001 - a cycle: evaluation order is undefined, fold nothing
             return PassResult(changed=False, notes=[f"not folded: graph is not a DAG ({type(e).__name__})"])
         graphs = _graphs(graph)
         folder.protect_if_conditions(graphs)
         for g in graphs:
             folder.fold_graph(g)
-        graph.cleanup(remove_unused_graph_inputs=False)
         s = folder.stats
         changed = any(s[k] for k in ("nodes_folded", "constants_to_initializers", "shapes_folded"))
+        if changed:
+            graph.cleanup(remove_unused_graph_inputs=False)
         return PassResult(changed=changed, stats=dict(s), notes=folder.notes)
