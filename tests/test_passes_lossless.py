@@ -431,3 +431,35 @@ def test_cse_large_constants_compared_in_full():
     assert res.stats["constants_merged"] == 1 and len(out.graph.initializer) == 2
     assert op_histogram(out) == {"MatMul": 2, "Sum": 1}
     assert_same(m, out, x_feed((2, 512)), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_fold_size_limit(tmp_path):
+    import subprocess
+
+    nodes = [h.make_node("ConstantOfShape", ["shape"], ["big"], value=nh.from_array(np.float32([1.0]), "v")),
+             h.make_node("Add", ["x", "big"], ["y"])]
+    m = model(nodes, [vi("x", [128, 256])], [vi("y", None)], [init("shape", np.array([128, 256], np.int64))])
+    src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(m, src)
+    cli = ["onnxslim"]
+    r = subprocess.run(cli + [str(src), str(dst), "--quiet", "--fold-size-limit", "64KB"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "ConstantOfShape" in op_histogram(onnx.load(dst))  # 128 KiB > 64 KiB: left in place
+    r = subprocess.run(cli + [str(src), str(dst), "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0 and "ConstantOfShape" not in op_histogram(onnx.load(dst))  # default: folded
+    r = subprocess.run(cli + [str(src), str(tmp_path / "bad.onnx"), "--fold-size-limit", "lots"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "fold-size-limit" in r.stderr
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_pipeline_is_deterministic():
+    nodes = [h.make_node("Conv", ["x", "w"], ["c"]), _bn("c", "b", "bn"), h.make_node("Relu", ["b"], ["r1"]),
+             h.make_node("Relu", ["b"], ["r2"]), h.make_node("Add", ["r1", "r2"], ["a"]),
+             h.make_node("Shape", ["a"], ["s"]), h.make_node("Reshape", ["a", "s"], ["y"])]
+    m = model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", None)],
+              [init("w", RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)), *_bn_inits("bn", 4)])
+    first, _ = onnxslim.optimize(m, passes="lossless", validate=False)
+    second, _ = onnxslim.optimize(m, passes="lossless", validate=False)
+    assert first.SerializeToString() == second.SerializeToString()
+    assert op_histogram(first) == {"Add": 1, "Conv": 1, "Relu": 1}
