@@ -70,17 +70,52 @@ def _compare(original: Model, optimized: ModelProto | Path, feeds: dict[str, np.
              custom_op_library: str | None) -> ValidationResult:
     # The original runs from its file when it has one: its proto may hold stubs (weights left on disk).
     orig_src: ModelProto | Path = original.path if original.path is not None else original.proto
+    too_big = _oversized_tensor(original.proto)
+    if too_big:
+        raise NotValidatable(too_big)
     chunk = static_batch(original.proto)
     n = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 0
     if chunk is None and lossy and n > 256:
         chunk = 256
-    if chunk is not None and n and n % chunk:
-        chunk = None if n == 1 else chunk
-    if chunk is not None and n <= chunk:
+    if chunk is not None and n == chunk:
         chunk = None
     return compare_models(orig_src, optimized, feeds, atol=atol, rtol=rtol, labels=labels, lossy=lossy,
                           min_cosine=min_cosine, max_acc_drop=max_acc_drop, chunk=chunk,
                           custom_op_library=custom_op_library)
+
+
+# A tensor the model itself would compute at this size (e.g. ConstantOfShape to billions of elements)
+# is not run for validation: onnxruntime would allocate and fill it, for minutes or until memory is gone.
+MAX_RUN_TENSOR_BYTES = 2 << 30
+_oversized_cache: dict[int, tuple[ModelProto, str | None]] = {}
+
+
+def _oversized_tensor(model: ModelProto) -> str | None:
+    """Why running the model is unsafe (a statically known tensor over MAX_RUN_TENSOR_BYTES), or None."""
+    hit = _oversized_cache.get(id(model))
+    if hit is not None and hit[0] is model:
+        return hit[1]
+    reason = None
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        for v in inferred.graph.value_info:
+            tt = v.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+            if not tt.HasField("shape") or any(d < 0 for d in dims):
+                continue
+            try:
+                itemsize = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).itemsize
+            except Exception:  # noqa: BLE001
+                itemsize = 4
+            nbytes = float(np.prod(dims, dtype=np.float64)) * itemsize
+            if nbytes > MAX_RUN_TENSOR_BYTES:
+                reason = f"running the model would create tensor '{v.name}' of shape {dims} ({nbytes / 2**30:.3g} GB)"
+                break
+    except Exception:  # noqa: BLE001 - no inference, no guard: the run timeout still applies
+        pass
+    _oversized_cache.clear()
+    _oversized_cache[id(model)] = (model, reason)
+    return reason
 
 
 def measure_latency(original: ModelProto, optimized: ModelProto, input_shapes: dict[str, list[int]],
@@ -203,6 +238,8 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
             else:
                 report.validation = ValidationResult(True, "", skipped=source).to_dict()
                 report.warnings.append(f"validation skipped: {source}")
+                if lossy:  # a lossy change nobody measured is never written silently
+                    ctx.gate_failures.append(f"the lossy result could not be validated ({source}); give --inputs")
         elif validate:
             report.validation = ValidationResult(True, "", skipped=source).to_dict()
             report.warnings.append(f"validation skipped: {source}")

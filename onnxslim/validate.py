@@ -245,7 +245,13 @@ def run_model(model: ModelProto | str | Path, inputs: dict[str, np.ndarray], *, 
     n = next(iter(inputs.values())).shape[0]
     parts: list[list[np.ndarray]] = []
     for s in range(0, n, chunk):
-        parts.append(run(sess, {k: v[s:s + chunk] for k, v in inputs.items()}))
+        piece = {k: v[s:s + chunk] for k, v in inputs.items()}
+        short = chunk - next(iter(piece.values())).shape[0]
+        if short:
+            # A model with a fixed batch takes only whole batches: pad by repeating rows, drop their outputs.
+            piece = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) for k, v in piece.items()}
+        outs = run(sess, piece)
+        parts.append([o[:chunk - short] for o in outs] if short else outs)
     return names, [np.concatenate([p[i] for p in parts]) for i in range(len(names))]
 
 
