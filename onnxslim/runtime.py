@@ -79,9 +79,30 @@ def session_feed(session: ort.InferenceSession, inputs: dict[str, np.ndarray]) -
     return feed
 
 
-def run(session: ort.InferenceSession, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+# One inference (a validation run) longer than this is stopped: a model can loop forever (a Loop whose
+# condition never turns false is valid ONNX), and onnxslim must never hang on a hostile file.
+RUN_TIMEOUT = float(os.environ.get("ONNXSLIM_RUN_TIMEOUT", "20"))
+
+
+def run(session: ort.InferenceSession, inputs: dict[str, np.ndarray], timeout: float | None = None) -> list[np.ndarray]:
+    """Outputs of one inference; InputError if it does not finish within ``timeout`` seconds."""
+    import threading
+
     names = [o.name for o in session.get_outputs()]
-    return session.run(names, session_feed(session, inputs))
+    limit = RUN_TIMEOUT if timeout is None else timeout
+    options = ort.RunOptions()
+    timer = threading.Timer(limit, lambda: setattr(options, "terminate", True))
+    timer.daemon = True
+    timer.start()
+    try:
+        return session.run(names, session_feed(session, inputs), options)
+    except Exception:
+        if options.terminate:
+            raise InputError(f"one inference did not finish within {limit:g} s (an endless Loop?); "
+                             "give --inputs, or --no-validate to skip the check") from None
+        raise
+    finally:
+        timer.cancel()
 
 
 def latency_ms(session: ort.InferenceSession, inputs: dict[str, np.ndarray], *, runs: int = 30,
