@@ -335,7 +335,7 @@ def in_graph(graph: gs.Graph, node: gs.Node) -> bool:
     or ends (cleanup, appends); passes clear dead nodes rather than removing them mid-pass."""
     nodes = graph.nodes
     stamp = (id(nodes), len(nodes), id(nodes[0]) if nodes else 0, id(nodes[-1]) if nodes else 0)
-    cached = getattr(graph, "_slim_members", None)
+    cached = graph.__dict__.get("_slim_members")  # not getattr: gs.Graph.__getattr__ logs an error for unknown names
     if cached is None or cached[0] != stamp:
         cached = (stamp, {id(n) for n in nodes})
         graph._slim_members = cached
