@@ -211,6 +211,9 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
     finally:
         report.passes = [r.to_dict() for r in pm.records]
     report.extra.update(ctx.report_extra)
+    # Weights the passes read are mapped pages that still count as ours: drop them before onnxruntime
+    # maps the same weights again for validation (they are re-read from the page cache if needed).
+    weights.release_pages()
 
     validation: ValidationResult | None = None
     tmpdir = None

@@ -75,6 +75,11 @@ class _Source:
             offset += len(piece)
             yield piece
 
+    def release_pages(self) -> None:
+        """Drop this mapping's resident pages (they stay in the page cache; views re-fault on access)."""
+        if self._mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
     def close(self) -> None:
         if self._mm is not None:
             try:
@@ -124,6 +129,14 @@ class WeightStore:
 
 
 _STORES: dict[int, WeightStore] = {}
+
+
+def release_pages() -> None:
+    """Drop the resident pages of every mapped weight (memory-mapped weights read by passes count as
+    this process's memory until then; the data stays in the page cache)."""
+    for store in list(_STORES.values()):
+        for src in store.sources:
+            src.release_pages()
 
 
 def is_stub(t: TensorProto) -> bool:
