@@ -1,7 +1,7 @@
 """Pruning benchmark: the acceptance tables of the pruning issue, measured in one run.
 
     python tools/bench_prune.py            # everything (a few minutes on 2 busy cores)
-    python tools/bench_prune.py --skip-target --rounds 5   # quicker
+    python tools/bench_prune.py --tables 1,3,4 --rounds 5   # quicker (no target table)
 
 Tables (markdown):
   1. digits CNN at 0.3 / 0.5 and digits MLP at 0.5, with and without refit: params, MACs, size,
@@ -35,7 +35,7 @@ from onnxslim.runtime import make_session  # noqa: E402
 
 MODELS = ROOT / "models"
 CALIB = str(MODELS / "digits_calib.npz")
-STRUCT = ["struct_resnet", "struct_mobilenetv2", "struct_unet", "struct_transformer", "struct_detector"]
+STRUCT = ["struct_resnet", "struct_mobilenetv2", "struct_unet", "struct_transformer", "struct_detector", "struct_ops"]
 
 
 def load(name: str) -> onnx.ModelProto:
@@ -110,20 +110,30 @@ def table_target(d: Digits, round_tos: list[int]) -> str:
             rat = ", ".join(f"{v:g}" for v in rep["ratios"].values())
             rows.append([name, str(rt), "**target params=0.5**", rat, f"{pt:,}", f"{d.acc(out):.2f}",
                          f"{d.cos(out, ref):.4f}"])
+            # Neighbours by parameter count, found on the cost model (no pruning needed), then pruned for real.
+            clean, _ = optimize(model, None, passes="lossless", validate=False, latency=False)
+            an = ch.analyze(ch.traced_graph(clean))
+            imp = ch.importance(an)
             above = below = None
-            for r in np.arange(0.05, 0.91, 0.01):
-                o2, rep2 = prune(model, prune_ratio=float(r), calib=CALIB, round_to=rt)
-                n = rep2["params"]["after"]
+            for r in np.arange(0.01, 0.96, 0.01):
+                n = ch.cost(an, ch.plan(an, float(r), imp, round_to=rt)).params
                 if n >= pt:
-                    above = (r, o2, n)
+                    above = float(r)
                 else:
-                    below = (r, o2, n)
+                    below = float(r)
                     break
+            above = None if above is None else (above, *_uniform(model, above, rt))
+            below = None if below is None else (below, *_uniform(model, below, rt))
             for tag, item in (("uniform, ≥ params", above), ("uniform, < params", below)):
                 if item is not None:
                     r, o2, n = item
                     rows.append([name, str(rt), tag, f"{r:.2f}", f"{n:,}", f"{d.acc(o2):.2f}", f"{d.cos(o2, ref):.4f}"])
     return md(rows)
+
+
+def _uniform(model: onnx.ModelProto, ratio: float, rt: int) -> tuple[onnx.ModelProto, int]:
+    out, rep = prune(model, prune_ratio=ratio, calib=CALIB, round_to=rt)
+    return out, rep["params"]["after"]
 
 
 def timed(models: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray], rounds: int, runs: int) -> dict[str, float]:
@@ -182,19 +192,23 @@ def table_structure() -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15, help="latency rounds (interleaved)")
-    ap.add_argument("--skip-target", action="store_true", help="skip the (slow) target-vs-uniform table")
+    ap.add_argument("--tables", default="1,2,3,4", help="which tables to print (comma-separated numbers)")
     args = ap.parse_args(argv)
+    want = {int(t) for t in args.tables.split(",") if t.strip()}
     d = Digits()
     print(f"default --round-to on this machine: {ch.DEFAULT_ROUND_TO}\n")
-    print("## 1. Accuracy (digits, default round-to, lossless,prune with --calib models/digits_calib.npz)\n")
-    print(table_accuracy(d) + "\n", flush=True)
-    if not args.skip_target:
-        print("## 2. --prune-target params=0.5 vs uniform --prune-ratio\n")
-        print(table_target(d, [1, 8]) + "\n", flush=True)
-    print("## 3. Latency (onnxruntime CPU, 1 thread)\n")
-    print(table_latency(sorted({1, 8, ch.DEFAULT_ROUND_TO}), args.rounds) + "\n", flush=True)
-    print("## 4. Structure models at --prune-ratio 0.3 (no calibration, no refit)\n")
-    print(table_structure())
+    if 1 in want:
+        print("## 1. Accuracy (digits, default round-to, lossless,prune with --calib models/digits_calib.npz)\n")
+        print(table_accuracy(d) + "\n", flush=True)
+    if 2 in want:
+        print("## 2. --prune-target params=0.5 vs uniform --prune-ratio (with refit)\n")
+        print(table_target(d, [1, 8, ch.DEFAULT_ROUND_TO]) + "\n", flush=True)
+    if 3 in want:
+        print("## 3. Latency (onnxruntime CPU, 1 thread)\n")
+        print(table_latency(sorted({1, 8, ch.DEFAULT_ROUND_TO}), args.rounds) + "\n", flush=True)
+    if 4 in want:
+        print("## 4. Structure models at --prune-ratio 0.3 (no calibration, no refit)\n")
+        print(table_structure())
 
 
 if __name__ == "__main__":

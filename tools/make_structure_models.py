@@ -11,6 +11,8 @@ tracer of the `prune` pass is tested on the shapes real networks have:
                            MatMul FFN with the exported Gelu pattern (Div, Erf, Add, Mul, Mul)
   struct_detector.onnx     CSP-like Split and Slice along channels, Concat, a head with Split/Sigmoid/Concat,
                            and a side classifier Flatten(C*4*4) -> Gemm
+  struct_ops.onnx          the tracer's other paths: PRelu, Pad, InstanceNorm, GLU, NHWC MatMul, squeeze-excite,
+                           Resize sizes, ReduceMean, Unsqueeze, Reshape with an explicit channel count
 
 Weights are He-scaled and BatchNorm statistics random but sane, so activations neither explode
 nor vanish and pruning changes outputs measurably. Run: python tools/make_structure_models.py
@@ -246,12 +248,51 @@ def detector(classes: int = 4, anchors: int = 3) -> onnx.ModelProto:
     return b.model([("input", ["N", 3, 32, 32])], [("detections", ["N", anchors * per, 8, 8]), ("scores", ["N", 10])])
 
 
+def ops() -> onnx.ModelProto:
+    """The tracer's remaining paths in one model (opset 18): PRelu slope, Pad, InstanceNormalization,
+    a GLU (Split halves gated by Mul: channel i goes with channel i+16 of the same layer), NHWC
+    Transpose + MatMul + bias, a squeeze-excite Mul (ReduceMean with axes input, excite conv unified
+    with its input), Resize with explicit channel size, ReduceMean keepdims=0, Unsqueeze, and a
+    Reshape with an explicit channel count into Gemm."""
+    b = Builder("struct_ops")
+    r = b.rng
+    x = b.conv("input", 3, 32, 3, bias=True)
+    x = b.op("PRelu", [x, b.const("slope", r.uniform(0.05, 0.3, (32, 1, 1)).astype(np.float32))])
+    x = b.op("Pad", [x, b.const("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))], mode="constant")
+    wc = (r.standard_normal((32, 32, 3, 3)) * np.sqrt(2.0 / 288)).astype(np.float32)
+    x = b.op("Conv", [x, b.const("w", wc)], kernel_shape=[3, 3])  # pads come from the Pad node
+    x = b.relu(b.op("InstanceNormalization", [x, b.const("in_s", r.uniform(0.5, 1.5, 32).astype(np.float32)),
+                                              b.const("in_b", (r.standard_normal(32) * 0.1).astype(np.float32))]))
+    x = b.conv(x, 32, 32, 1, bias=True)
+    a, g = b.op("Split", [x, b.const("split", np.array([16, 16], np.int64))], n_out=2, axis=1)
+    x = b.op("Mul", [a, b.op("Sigmoid", [g])])                                      # GLU: 16 channels
+    x = b.op("Transpose", [x], perm=[0, 2, 3, 1])                                   # NHWC
+    x = b.op("MatMul", [x, b.const("w_nhwc", b.dense_weight(16, 24))])
+    x = b.relu(b.op("Add", [x, b.const("b_nhwc", (r.standard_normal(24) * 0.1).astype(np.float32))]))
+    x = b.op("Transpose", [x], perm=[0, 3, 1, 2])                                   # back to NCHW, 24 ch
+    s = b.op("ReduceMean", [x, b.const("axes", np.array([2, 3], np.int64))], keepdims=1)
+    s = b.relu(b.conv(s, 24, 8, 1, bias=True))
+    s = b.op("Sigmoid", [b.conv(s, 8, 24, 1, bias=True)])
+    x = b.op("Mul", [x, s])                                                         # squeeze-excite
+    x = b.op("Resize", [x, "", "", b.const("sizes", np.array([24, 32, 32], np.int64))], axes=[1, 2, 3],
+             mode="nearest")
+    x = b.relu(b.conv(x, 24, 32, 3, bias=True))
+    x = b.op("ReduceMean", [x, b.const("axes", np.array([2, 3], np.int64))], keepdims=0)  # (N, 32)
+    x = b.op("Unsqueeze", [x, b.const("axes", np.array([2], np.int64))])                 # (N, 32, 1)
+    x = b.op("Reshape", [x, b.const("shape", np.array([-1, 32], np.int64))])             # explicit 32
+    x = b.op("Gemm", [x, b.const("fc_w", b.dense_weight(32, 10).T.copy()), b.const("fc_b", np.zeros(10, np.float32))],
+             transB=1)
+    b.rename_output(x, "logits")
+    return b.model([("input", ["N", 3, 16, 16])], [("logits", ["N", 10])], opset=18)
+
+
 MODELS = {
     "struct_resnet": resnet,
     "struct_mobilenetv2": mobilenetv2,
     "struct_unet": unet,
     "struct_transformer": transformer,
     "struct_detector": detector,
+    "struct_ops": ops,
 }
 
 
