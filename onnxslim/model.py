@@ -549,10 +549,9 @@ def stage_model(model: ModelProto | Model, out: str | os.PathLike, *, external_d
         if external_data:
             staged.data_name = _write_external(proto, out.name, folder)
         else:
-            with open(staged.path, "wb") as f:
-                weights.write_embedded(proto, f)
-                f.flush()
-                os.fsync(f.fileno())
+            with open(staged.path, "wb", buffering=0) as raw:  # unbuffered: stub bytes are copied to its fd
+                weights.write_embedded(proto, weights.FileWriter(raw))
+                os.fsync(raw.fileno())
     except OSError as e:
         staged.discard()
         raise InputError(f"cannot write '{out}': {e.strerror or e}") from None
@@ -578,7 +577,8 @@ def _write_external(proto: ModelProto, out_name: str, folder: Path) -> str:
     h = hashlib.sha256()
     offset = 0
     try:
-        with open(data_tmp, "wb") as f:
+        with open(data_tmp, "wb", buffering=0) as raw:  # unbuffered: stub bytes are copied to its fd
+            f = weights.FileWriter(raw)
             for t in iter_tensors(proto):
                 stub = weights.is_stub(t)
                 if not stub:
@@ -602,16 +602,14 @@ def _write_external(proto: ModelProto, out_name: str, folder: Path) -> str:
                     offset += pad
                 if stub:
                     length = weights.stub_nbytes(t)
-                    for piece in weights.stub_chunks(t):
-                        f.write(piece)
-                        h.update(piece)
+                    weights.copy_stub(t, f, h)
                     moved.append((t, [(e.key, e.value) for e in t.external_data]))
                 else:
-                    raw = t.raw_data
-                    length = len(raw)
-                    f.write(raw)
-                    h.update(raw)
-                    moved.append((t, raw))
+                    data = t.raw_data
+                    length = len(data)
+                    f.write(data)
+                    h.update(data)
+                    moved.append((t, data))
                     t.ClearField("raw_data")
                 t.data_location = TensorProto.EXTERNAL
                 del t.external_data[:]
@@ -619,8 +617,7 @@ def _write_external(proto: ModelProto, out_name: str, folder: Path) -> str:
                     e = t.external_data.add()
                     e.key, e.value = k, v
                 offset += length
-            f.flush()
-            os.fsync(f.fileno())
+            os.fsync(raw.fileno())
         data_name = f"{out_name}.{h.hexdigest()[:16]}.data"
         for t, _ in moved:
             if t.data_location == TensorProto.EXTERNAL:

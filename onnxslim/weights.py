@@ -17,6 +17,7 @@ Stubs never leave the process: saving resolves them, and ``materialize`` turns t
 
 from __future__ import annotations
 
+import errno
 import itertools
 import mmap
 import os
@@ -65,15 +66,26 @@ class _Source:
             self._mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
         return memoryview(self._mm)[offset:offset + length]
 
-    def chunks(self, offset: int, length: int) -> Iterator[bytes]:
-        """The bytes in pieces read with pread: streaming copies stay out of the resident set."""
-        end = offset + length
-        while offset < end:
-            piece = os.pread(self.fd, min(_CHUNK, end - offset), offset)
-            if not piece:
-                raise OSError(f"'{self.path}' is shorter than expected (was it truncated while in use?)")
-            offset += len(piece)
-            yield piece
+    def copy_into(self, f: BinaryIO, offset: int, length: int, hasher=None) -> None:
+        """Append the bytes to ``f`` (a FileWriter or BytesIO), hashing them on the way, a chunk at a time.
+
+        The kernel copies (copy_file_range: no trip through this process) while the hash reads the
+        mapping; each chunk's pages are dropped from the mapping afterwards, so a copy of any size
+        leaves the resident set flat. Falls back to writing from the mapping where the call is missing.
+        """
+        view = self.view(offset, length)
+        page = mmap.PAGESIZE
+        done = 0
+        while done < length:
+            n = min(_CHUNK, length - done)
+            piece = view[done:done + n]
+            if hasher is not None:
+                hasher.update(piece)
+            _copy_range(self.fd, f, offset + done, n, piece)
+            start = (offset + done) // page * page
+            if hasattr(mmap, "MADV_DONTNEED"):
+                self._mm.madvise(mmap.MADV_DONTNEED, start, offset + done + n - start)
+            done += n
 
     def release_pages(self) -> None:
         """Drop this mapping's resident pages (they stay in the page cache; views re-fault on access)."""
@@ -90,6 +102,49 @@ class _Source:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+_copy_file_range_works = hasattr(os, "copy_file_range")
+
+
+class FileWriter:
+    """An unbuffered file whose write() always writes everything (raw writes may be short)."""
+
+    def __init__(self, raw) -> None:
+        self.raw = raw
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += self.raw.write(view[done:])
+        return done
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+
+def _copy_range(src_fd: int, f: BinaryIO, src_offset: int, n: int, piece: memoryview) -> None:
+    global _copy_file_range_works
+    try:
+        dst = f.fileno()
+    except (OSError, ValueError):  # e.g. BytesIO
+        f.write(piece)
+        return
+    if _copy_file_range_works:
+        copied = 0
+        try:
+            while copied < n:
+                k = os.copy_file_range(src_fd, dst, n - copied, src_offset + copied)
+                if k == 0:
+                    raise OSError(f"source ended {n - copied} bytes early (was it truncated while in use?)")
+                copied += k
+            return
+        except OSError as e:
+            if copied or e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+                raise
+            _copy_file_range_works = False  # not on this system or file system: plain writes from now on
+    f.write(piece)
 
 
 class WeightStore:
@@ -162,9 +217,10 @@ def stub_view(t: TensorProto) -> memoryview:
     return src.view(offset, length)
 
 
-def stub_chunks(t: TensorProto) -> Iterator[bytes]:
+def copy_stub(t: TensorProto, f: BinaryIO, hasher=None) -> None:
+    """Append the stub's bytes to ``f`` (a FileWriter or BytesIO) without holding them in memory."""
     src, offset, length = _ref(t)
-    return src.chunks(offset, length)
+    src.copy_into(f, offset, length, hasher)
 
 
 # Element types whose raw data numpy can view directly (little-endian, fixed size).
@@ -405,7 +461,10 @@ def _has_unknown(msg) -> bool:
 
 
 def write_embedded(model: ModelProto, f: BinaryIO) -> None:
-    """Serialize ``model`` to ``f`` with every stub's bytes inside, streaming them from their sources."""
+    """Serialize ``model`` to ``f`` with every stub's bytes inside, streaming them from their sources.
+
+    ``f`` must be a FileWriter (unbuffered) or a BytesIO: stub bytes are copied by the kernel straight
+    into its file descriptor."""
     graph = model.graph
     from onnxslim.model import iter_tensors
 
@@ -463,8 +522,7 @@ def _write_streaming(model: ModelProto, f: BinaryIO) -> None:
             f.write(t.SerializeToString())
             continue
         f.write(head + _key(9) + encode_varint(n))
-        for piece in stub_chunks(t):
-            f.write(piece)
+        copy_stub(t, f)
         f.write(tail)
     f.write(g_tail)
     f.write(_partial(model, lambda k: k > 7))

@@ -1,0 +1,137 @@
+"""Large models (issues 3 and 6): onnxslim against the onnx load+save floor, measured in child processes.
+
+- ~300 MB (``tools/make_models.py --big``), with external data and embedded: the lossless pipeline with
+  validation peaks at <= 1.5x the floor's memory and takes <= 3x its time (<= 2x with --no-validate);
+  the output keeps external data beside it and validates. Marked slow (about a minute).
+- > 2 GB: the same on a 2.5 GB model, peak memory <= 2.5x the model size. Manual (minutes, 5 GB of
+  disk): ``ONNXSLIM_BIG_MB=2560 pytest tests/test_big_model.py -k over_2gb -s``; the README quotes its numbers.
+
+Peak memory is ru_maxrss of the child (os.wait4). Times are the best of two interleaved rounds, so a
+busy machine slows both sides alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import onnx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+FLOOR = ("import onnx, sys\n"
+         "m = onnx.load(sys.argv[1])\n"
+         "ext = sys.argv[3] == '1'\n"
+         "onnx.save(m, sys.argv[2], save_as_external_data=ext, location=sys.argv[2].split('/')[-1] + '.data')\n")
+
+
+def measure(cmd: list[str]) -> tuple[float, float, str]:
+    """(seconds, peak MB, stderr) of a child process."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(p.pid, 0)
+    seconds = time.perf_counter() - t0
+    err = p.stderr.read().decode()
+    p.stderr.close()
+    assert os.waitstatus_to_exitcode(status) == 0, err[-2000:]
+    return seconds, usage.ru_maxrss / 1024, err
+
+
+def _onnxslim() -> list[str]:
+    exe = Path(sys.executable).with_name("onnxslim")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "onnxslim.cli"]
+
+
+def _clean(folder: Path) -> None:
+    for p in folder.glob("*"):
+        p.unlink()
+
+
+def compare_with_floor(model: Path, work: Path, external: bool, rounds: int = 2) -> dict:
+    """Floor, onnxslim --no-validate and onnxslim (validating), interleaved; best time, worst memory."""
+    work.mkdir(parents=True, exist_ok=True)
+    res: dict[str, list[tuple[float, float]]] = {"floor": [], "no_validate": [], "validate": []}
+    report = work / "report.json"
+    for _ in range(rounds):
+        for kind in res:
+            out_dir = work / kind
+            out_dir.mkdir(exist_ok=True)
+            _clean(out_dir)
+            out = out_dir / "out.onnx"
+            if kind == "floor":
+                cmd = [sys.executable, "-c", FLOOR, str(model), str(out), "1" if external else "0"]
+            else:
+                cmd = [*_onnxslim(), str(model), str(out), "--quiet", "--json", str(report)]
+                if kind == "no_validate":
+                    cmd.append("--no-validate")
+            seconds, mb, _ = measure(cmd)
+            res[kind].append((seconds, mb))
+    size = sum(p.stat().st_size for p in model.parent.iterdir())  # the model's folder: it and its data
+    out = {"model_mb": size / 2**20}
+    for kind, runs in res.items():
+        out[f"{kind}_s"] = min(r[0] for r in runs)
+        out[f"{kind}_mb"] = max(r[1] for r in runs)
+    out["report"] = json.loads(report.read_text())
+    return out
+
+
+def _check_output(model: Path, out_dir: Path, external: bool) -> None:
+    out = out_dir / "out.onnx"
+    data = [p.name for p in out_dir.iterdir() if p.name.startswith("out.onnx.") and p.name.endswith(".data")]
+    assert len(data) == (1 if external else 0), list(out_dir.iterdir())
+    m = onnx.load(str(out), load_external_data=False)
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer) == external
+    onnx.checker.check_model(str(out))
+    before = onnx.load(str(model), load_external_data=False)
+    assert len(m.graph.node) < len(before.graph.node)  # the dead Relus and Identities went
+
+
+@pytest.fixture(scope="module")
+def big300(tmp_path_factory) -> dict[str, Path]:
+    import make_models
+
+    d = tmp_path_factory.mktemp("big300")
+    ext = make_models.make_big(d / "external", 300)
+    emb = d / "embedded" / "big.onnx"
+    emb.parent.mkdir()
+    subprocess.run([sys.executable, "-c", "import onnx, sys; onnx.save(onnx.load(sys.argv[1]), sys.argv[2])",
+                    str(ext), str(emb)], check=True)
+    return {"external": ext, "embedded": emb}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["external", "embedded"])
+def test_300mb_against_the_floor(big300: dict[str, Path], kind: str, tmp_path: Path) -> None:
+    model = big300[kind]
+    r = compare_with_floor(model, tmp_path, external=kind == "external")
+    summary = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items() if k != "report"}
+    print(f"\nbig model ({kind}): {summary}")
+    assert r["report"]["validation"]["passed"] and not r["report"]["validation"].get("skipped")
+    _check_output(model, tmp_path / "validate", external=kind == "external")
+    assert r["validate_mb"] <= 1.5 * r["floor_mb"], summary
+    assert r["no_validate_mb"] <= 1.5 * r["floor_mb"], summary
+    assert r["no_validate_s"] <= 2.0 * r["floor_s"], summary
+    assert r["validate_s"] <= 3.0 * r["floor_s"], summary
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("ONNXSLIM_BIG_MB"), reason="manual: set ONNXSLIM_BIG_MB=2560 (5+ GB of disk)")
+def test_over_2gb(tmp_path: Path) -> None:
+    import make_models
+
+    mb = int(os.environ["ONNXSLIM_BIG_MB"])
+    model = make_models.make_big(tmp_path / "model", mb)
+    r = compare_with_floor(model, tmp_path / "work", external=True, rounds=1)
+    summary = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items() if k != "report"}
+    print(f"\nbig model ({mb} MB): {summary}")
+    assert r["model_mb"] > 2048
+    assert r["report"]["validation"]["passed"] and not r["report"]["validation"].get("skipped")
+    _check_output(model, tmp_path / "work" / "validate", external=True)
+    assert r["validate_mb"] <= 2.5 * r["model_mb"], summary
+    assert r["validate_mb"] <= 1.5 * r["floor_mb"], summary
