@@ -238,7 +238,7 @@ def run_model(model: ModelProto | str | Path, inputs: dict[str, np.ndarray], *, 
     """Run in onnxruntime; when ``chunk`` is given, feed axis-0 slices of that size and concatenate."""
     from onnxslim.runtime import make_session, run
 
-    sess = make_session(model, custom_op_library=custom_op_library)
+    sess = make_session(model, custom_op_library=custom_op_library, prepack=False)  # a few runs: see runtime
     names = [o.name for o in sess.get_outputs()]
     if not chunk:
         return names, run(sess, inputs)
