@@ -45,14 +45,16 @@ def _metrics(ref: list[np.ndarray], out: list[np.ndarray], labels: np.ndarray | 
 
 def measure(model: ModelProto, calib: CalibrationData, *, an: ch.Analysis | None = None,
             imp: np.ndarray | None = None, ratios: tuple[float, ...] = RATIOS, importance: str = "l1",
-            round_to: int = ch.DEFAULT_ROUND_TO, min_channels: int = 1, batch: int = 64,
+            round_to: int = ch.DEFAULT_ROUND_TO, min_channels: int = 1, batch: int | None = None,
             max_samples: int = MAX_SAMPLES, refit: bool = False, progress=lambda m: None) -> dict[str, Any]:
     """Per group and ratio: channels kept, drift, accuracy, params/MACs removed (see module doc)."""
     if an is None:
         an = ch.analyze(ch.traced_graph(model))
     if imp is None:
         imp = ch.importance(an, importance)
-    data = calib.subset(min(calib.size, max_samples))
+    batch = batch or calib.batch_size  # the model's fixed batch when it has one
+    n = min(calib.size, max_samples)
+    data = calib.subset(n - n % batch if n > batch else n)
     ref = _run(model, data, batch)
     labels = data.labels if data.measured else None
     base = ch.cost(an)
@@ -152,7 +154,7 @@ def run_sensitivity(model_path: str, calib_spec: str, options: dict[str, Any] | 
     res = measure(m.proto, calib, ratios=ratios, importance=options.get("prune_importance") or "l1",
                   round_to=int(options.get("round_to") or ch.DEFAULT_ROUND_TO),
                   min_channels=int(options.get("prune_min_channels") or 1),
-                  batch=int(options.get("calib_batch") or 64), refit=bool(options.get("refit", True)),
+                  refit=bool(options.get("refit", True)),
                   progress=progress)
     res["model"] = str(model_path)
     res["calibration"] = calib.source

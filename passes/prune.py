@@ -25,7 +25,6 @@ from onnxslim import channels as ch
 from onnxslim.errors import InputError
 from onnxslim.manager import Context, Pass, PassResult, register
 
-DEFAULT_CALIB_BATCH = 64
 
 
 def parse_target(spec: str) -> tuple[str, float]:
@@ -47,7 +46,6 @@ def settings(ctx: Context) -> dict[str, Any]:
         "importance": ctx.option("prune_importance", "l1"),
         "round_to": int(ctx.option("round_to", ch.DEFAULT_ROUND_TO)),
         "min_channels": int(ctx.option("prune_min_channels", 1)),
-        "batch": int(ctx.option("calib_batch", DEFAULT_CALIB_BATCH)),
     }
 
 
@@ -90,7 +88,7 @@ class Prune(Pass):
                 raise InputError("prune: --prune-target needs calibration data for its sensitivity analysis (--calib)")
             ctx.progress("prune: sensitivity analysis")
             sens = measure(model, calib, an=an, imp=imp, round_to=s["round_to"], min_channels=s["min_channels"],
-                           batch=s["batch"], refit=refit, progress=ctx.progress)
+                           refit=refit, progress=ctx.progress)
             ratios, reached = allocate(sens, an, imp, kind, frac, round_to=s["round_to"],
                                        min_channels=s["min_channels"])
             report["target"] = {"kind": kind, "fraction": frac, "reached": reached}
@@ -115,7 +113,7 @@ class Prune(Pass):
         if refit:
             from onnxslim.refit import refit_layers
 
-            fits = refit_layers(graph, nodes, an, keep, model, model, calib, batch=s["batch"],
+            fits = refit_layers(graph, nodes, an, keep, model, model, calib, batch=calib.batch_size,
                                 ridge=float(ctx.option("prune_ridge", 1e-2)), progress=ctx.progress)
             report["refit_layers"] = [f.to_dict() for f in fits]
         out = ch.export(graph, model)

@@ -271,3 +271,31 @@ def test_cli_prune_reports_groups(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     assert "256 -> 128" in p.stdout and "reaches graph output 'logits'" in p.stdout
     assert out.exists()
+
+
+def test_fixed_batch_model_refit_and_target() -> None:
+    """A model whose batch is fixed (8) is fed whole batches of 8 by refit and sensitivity."""
+    model = load("digits_mlp")
+    for vi in list(model.graph.input) + list(model.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_value = 8
+    out, rep = prune(model, prune_ratio=0.5, calib=str(MODELS / "digits_calib.npz"), round_to=8)
+    assert rep["refit_layers"] and all(not f["skipped"] for f in rep["refit_layers"])
+    out, rep = prune(model, prune_target="macs=0.4", calib=str(MODELS / "digits_calib.npz"), round_to=8)
+    assert rep["target"]["reached"] >= 0.4
+    test = np.load(MODELS / "digits_test.npz")
+    x = {"input": test["input"][:8]}
+    assert run(out, x)[0].shape == (8, 10)
+
+
+def test_l2_importance_and_min_channels() -> None:
+    model = load("digits_mlp")
+    out, rep = prune(model, prune_ratio=0.9, prune_importance="l2", prune_min_channels=40, round_to=1)
+    assert rep["importance"] == "l2"
+    kept = [r["kept"] for r in rep["groups"] if not r["skipped"]]
+    assert kept == [40, 40]
+    onnx.checker.check_model(out, full_check=True)
+    # L2 and L1 rank channels differently on trained weights: the kept sets differ somewhere
+    an = ch.analyze(ch.traced_graph(model))
+    k1 = ch.plan(an, 0.5, ch.importance(an, "l1"), round_to=1)
+    k2 = ch.plan(an, 0.5, ch.importance(an, "l2"), round_to=1)
+    assert k1.sum() == k2.sum() and not np.array_equal(k1, k2)

@@ -141,14 +141,15 @@ def timed(models: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray], roun
     for s in sessions.values():
         s.run(None, feeds)
     best = {k: float("inf") for k in sessions}
-    for _ in range(rounds):
+    for rnd in range(rounds + 1):  # round 0 warms caches and allocators and is not counted
         for k, s in sessions.items():
             ts = []
             for _ in range(runs):
                 t0 = time.perf_counter()
                 s.run(None, feeds)
                 ts.append(time.perf_counter() - t0)
-            best[k] = min(best[k], float(np.median(ts)))
+            if rnd:
+                best[k] = min(best[k], float(np.median(ts)))
     return best
 
 
