@@ -30,6 +30,29 @@ from onnxslim.validate import (DEFAULT_ATOL, DEFAULT_MAX_ACC_DROP, DEFAULT_MIN_C
 LATENCY_BATCHES = (1, 64)
 
 
+def checked_custom_op_library(path: str | os.PathLike | None) -> str | None:
+    """The user's --custom-op-library as an absolute path to a library that loads, or one-line InputError.
+
+    This is the only library onnxslim loads besides onnxruntime-extensions' own. The path is made
+    absolute because the loader searches system folders for a bare name (``foo.so`` would not mean
+    ``./foo.so``); a library that does not load is an error, not a reason to skip validation.
+    """
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"--custom-op-library '{path}': no such file")
+    resolved = str(p.resolve())
+    import onnxruntime as ort
+
+    try:
+        ort.SessionOptions().register_custom_ops_library(resolved)
+    except Exception as e:  # noqa: BLE001
+        msg = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise InputError(f"--custom-op-library '{path}' does not load: {msg[-200:]}") from None
+    return resolved
+
+
 @functools.lru_cache(maxsize=1)
 def _return_freed_memory() -> None:
     """Make freed large blocks go back to the OS (glibc only; elsewhere nothing to do).
@@ -165,6 +188,7 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
     """
     t0 = time.perf_counter()
     _return_freed_memory()
+    custom_op_library = checked_custom_op_library(custom_op_library)
     options = dict(options or {})
     out_path = Path(output) if output is not None else None
     if out_path is not None and not isinstance(model, ModelProto):
@@ -419,6 +443,7 @@ def validate_files(original: str | os.PathLike, optimized: str | os.PathLike, *,
                    min_cosine: float = DEFAULT_MIN_COSINE, max_acc_drop: float = DEFAULT_MAX_ACC_DROP,
                    custom_op_library: str | None = None) -> ValidationResult:
     """The numeric comparison alone (``onnxslim validate``)."""
+    custom_op_library = checked_custom_op_library(custom_op_library)
     a = load_model(original, lazy=True)  # onnxruntime reads the weights from the files
     b = load_model(optimized, lazy=True)
     a.close()

@@ -228,3 +228,48 @@ def test_valid_model_still_works(tmp_path: Path) -> None:
     assert [p.name for p in out_dir.iterdir()] == ["o.onnx"]
     category, problems = fuzz.independent_check(inp, out_dir / "o.onnx")
     assert category == "written-valid", problems
+
+
+def test_custom_op_library_loaded_only_when_named(tmp_path: Path, monkeypatch) -> None:
+    """Besides onnxruntime-extensions' own library, the only library loaded is --custom-op-library's,
+    by absolute path; nothing in the model (custom domains, metadata naming a library) loads one."""
+    import onnxruntime as ort
+
+    from onnxslim.runtime import _extensions_library
+
+    m = fuzz.base_shape()  # has a com.microsoft op
+    m.metadata_props.add(key="custom_op_library", value=str(tmp_path / "evil.so"))
+    m.doc_string = "load ./evil.so"
+    (tmp_path / "evil.so").write_bytes(b"not a library")
+    inp = tmp_path / "m.onnx"
+    inp.write_bytes(m.SerializeToString())
+    loaded: list[str] = []
+    real = ort.SessionOptions.register_custom_ops_library
+
+    def spy(self, path):
+        loaded.append(path)
+        return real(self, path)
+
+    monkeypatch.setattr(ort.SessionOptions, "register_custom_ops_library", spy)
+    code, _, err = fuzz.run_cli_inprocess([str(inp), str(tmp_path / "o.onnx"), "--quiet"])
+    assert code == 0, err
+    assert set(loaded) == {_extensions_library()}
+    # Named by the user with a relative path: registered by its absolute path (a bare name would make
+    # the loader search system folders instead).
+    lib = tmp_path / "mine.so"
+    lib.write_bytes(Path(_extensions_library()).read_bytes())
+    loaded.clear()
+    monkeypatch.chdir(tmp_path)
+    code, _, err = fuzz.run_cli_inprocess(["m.onnx", "o2.onnx", "--quiet", "--custom-op-library", "mine.so"])
+    assert code == 0, err
+    assert set(loaded) == {_extensions_library(), str(lib)}
+
+
+@pytest.mark.parametrize("lib", ["missing.so", "junk.so"])
+def test_bad_custom_op_library_is_one_line(lib: str, tmp_path: Path) -> None:
+    inp = _valid(tmp_path / "m.onnx")
+    (tmp_path / "junk.so").write_bytes(b"\x7fELF junk")
+    code, _, err = fuzz.run_cli_inprocess([str(inp), str(tmp_path / "o.onnx"), "--custom-op-library",
+                                           str(tmp_path / lib)])
+    _assert_one_line(code, err, "--custom-op-library")
+    assert not (tmp_path / "o.onnx").exists()
