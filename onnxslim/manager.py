@@ -195,7 +195,10 @@ def proto_stats(model: ModelProto) -> dict[str, int]:
     from onnxslim.graph import node_count
 
     inits = len(model.graph.initializer)
-    nbytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    from onnxslim import weights
+
+    # Weights left on disk (stubs) have no raw_data in the proto: count the bytes they stand for.
+    nbytes = sum(weights.stub_nbytes(t) if weights.is_stub(t) else len(t.raw_data) for t in model.graph.initializer)
     return {"nodes": node_count(model), "initializers": inits, "bytes": nbytes}
 
 
