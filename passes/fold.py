@@ -310,8 +310,12 @@ class _Folder:
         named = [o for o in node.outputs if o.name]
         if outs is None or len(outs) != len(named):
             return
-        for o, v in zip(named, outs):
-            if not isinstance(v, np.ndarray) or v.dtype not in FOLDABLE_DTYPES:
+        expected = [info_ for info_, o in zip(info, node.outputs) if o.name]
+        for v, (elem, shape) in zip(outs, expected):
+            # The value must be exactly what the model declares there: type, and shape when known.
+            if (not isinstance(v, np.ndarray) or v.dtype not in FOLDABLE_DTYPES
+                    or v.dtype != np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
+                    or (shape is not None and tuple(v.shape) != shape)):
                 return
         if sum(v.nbytes for v in outs) > max(out_bytes, in_bytes):
             return  # shape inference was wrong about the size: trust neither
