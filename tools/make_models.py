@@ -8,7 +8,7 @@
   custom_op.onnx          an onnxruntime-extensions op (ai.onnx.contrib Inverse) among standard ops
 
 Also runs tools/make_structure_models.py (pruning structures). With ``--big DIR --big-mb N`` it writes
-DIR/big.onnx, a deep Gemm stack of about N MB with external data, streamed to disk tensor by tensor so that a
+DIR/big.onnx, a deep MatMul stack of about N MB with external data, streamed to disk tensor by tensor so that a
 2.5 GB model never sits in memory twice.
 
 Run: python tools/make_models.py [--out models/]
@@ -25,11 +25,65 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_structure_models import Builder  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+TOOLS = Path(__file__).resolve().parent
+ROOT = TOOLS.parent
 F = TensorProto.FLOAT
+
+
+class Builder:
+    """Unique names, initializers from numpy, one node per call. (Kept here rather than shared with
+    make_structure_models.py: a change there must not silently change these committed models.)"""
+
+    def __init__(self, name: str, seed: int) -> None:
+        self.name = name
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.count: dict[str, int] = {}
+
+    def uid(self, base: str) -> str:
+        self.count[base] = self.count.get(base, 0) + 1
+        return f"{base}_{self.count[base]}"
+
+    def const(self, base: str, value: np.ndarray) -> str:
+        name = self.uid(base)
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], **attrs) -> str:
+        name = self.uid(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [f"{name}_out"], name=name, **attrs))
+        return f"{name}_out"
+
+    def relu(self, x: str) -> str:
+        return self.op("Relu", [x])
+
+    def cbr(self, x: str, cin: int, cout: int, k: int = 3, act: str = "relu") -> str:
+        """Conv + BatchNormalization (+ Relu), He-scaled weights and sane BN statistics."""
+        r = self.rng
+        w = (r.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / (cin * k * k))).astype(np.float32)
+        y = self.op("Conv", [x, self.const("w", w)], kernel_shape=[k, k], pads=[k // 2] * 4)
+        stats = [r.uniform(0.5, 1.5, cout), r.standard_normal(cout) * 0.1, r.standard_normal(cout) * 0.1,
+                 r.uniform(0.5, 1.5, cout)]
+        y = self.op("BatchNormalization", [y] + [self.const(n, v.astype(np.float32)) for n, v in
+                                                 zip(("gamma", "beta", "mean", "var"), stats)], epsilon=1e-5)
+        return self.relu(y) if act == "relu" else y
+
+    def dense_weight(self, cin: int, cout: int) -> np.ndarray:
+        return (self.rng.standard_normal((cin, cout)) * np.sqrt(2.0 / cin)).astype(np.float32)
+
+    def rename_output(self, tensor: str, new: str) -> str:
+        for n in self.nodes:
+            n.output[:] = [new if o == tensor else o for o in n.output]
+            n.input[:] = [new if i == tensor else i for i in n.input]
+        return new
+
+    def model(self, inputs: list[tuple[str, list]], outputs: list[tuple[str, list]], opset: int = 13) -> onnx.ModelProto:
+        g = helper.make_graph(self.nodes, self.name,
+                              [helper.make_tensor_value_info(n, F, s) for n, s in inputs],
+                              [helper.make_tensor_value_info(n, F, s) for n, s in outputs], self.inits)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+        return onnx.shape_inference.infer_shapes(m, strict_mode=True)
 
 
 def _finish(m: onnx.ModelProto, producer: str = "onnxslim tools/make_models.py") -> onnx.ModelProto:
@@ -53,9 +107,10 @@ def cnn_bn() -> onnx.ModelProto:
     x = b.op("Cast", [x], to=F)                          # same-type cast
     b.op("Conv", [x, b.const("dead_w", np.ones((4, 24, 1, 1), np.float32))])  # dead branch
     b.const("unused", np.zeros(128, np.float32))         # unused initializer
-    # Flatten through a shape subgraph: [N, C*H*W] with C*H*W computed from Shape (static -> foldable).
+    # Flatten through a shape subgraph, Shape->Gather->ReduceProd->Concat->Reshape: [N, C*H*W], with C*H*W
+    # static (foldable) and N dynamic.
     shp = b.op("Shape", [x])
-    chw = b.op("Slice", [shp, b.const("s1", np.array([1], np.int64)), b.const("s4", np.array([4], np.int64))])
+    chw = b.op("Gather", [shp, b.const("chw_idx", np.array([1, 2, 3], np.int64))], axis=0)
     prod = b.op("ReduceProd", [chw], keepdims=1)
     target = b.op("Concat", [b.const("neg1", np.array([-1], np.int64)), prod], axis=0)
     flat = b.op("Reshape", [x, target])
@@ -181,7 +236,7 @@ MODELS = {"cnn_bn": cnn_bn, "transformer_block": transformer_block, "if_model": 
 
 
 def make_big(out_dir: Path, size_mb: int, width: int = 2048) -> Path:
-    """A Gemm stack of ~size_mb MB with external data, streamed so memory stays ~one layer."""
+    """A MatMul stack of ~size_mb MB with external data, streamed so memory stays ~one layer."""
     out_dir.mkdir(parents=True, exist_ok=True)
     layer_bytes = width * width * 4
     layers = max(1, int(size_mb * 2**20 // layer_bytes))
@@ -203,14 +258,17 @@ def make_big(out_dir: Path, size_mb: int, width: int = 2048) -> Path:
             inits.append(t)
             y = f"h{i}"
             nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y]))
-            if i % 4 == 3:   # a no-op and a dead node every few layers: something for the lossless passes
+            if i % 4 == 3:   # a no-op, a dead node and a foldable scale every few layers: work for the lossless passes
                 nodes.append(helper.make_node("Identity", [y], [f"id{i}"]))
                 nodes.append(helper.make_node("Relu", [y], [f"dead{i}"]))
-                y = f"id{i}"
+                nodes.append(helper.make_node("Sqrt", ["one"], [f"scale{i}"]))
+                nodes.append(helper.make_node("Mul", [f"id{i}", f"scale{i}"], [f"sc{i}"]))
+                y = f"sc{i}"
             x = y
     nodes.append(helper.make_node("Tanh", [x], ["output"]))
     g = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("input", F, ["N", width])],
-                          [helper.make_tensor_value_info("output", F, ["N", width])], inits)
+                          [helper.make_tensor_value_info("output", F, ["N", width])],
+                          inits + [numpy_helper.from_array(np.array(1.0, np.float32), "one")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], producer_name="onnxslim make_models --big")
     m.ir_version = 8
     path = out_dir / "big.onnx"
@@ -232,9 +290,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
         path = args.out / f"{name}.onnx"
         onnx.save(fn(), str(path))
         written.append(path)
-    import make_structure_models
+    if (TOOLS / "make_structure_models.py").exists():  # the pruning models (another owner's script)
+        sys.path.insert(0, str(TOOLS))
+        import make_structure_models
 
-    written += make_structure_models.main(["--out", str(args.out)])
+        written += make_structure_models.main(["--out", str(args.out)])
     return written
 
 
