@@ -70,6 +70,7 @@ def _graph_constants(graph: gs.Graph) -> Iterator[gs.Constant]:
 def to_gs(model: ModelProto) -> gs.Graph:
     """Import a model as a graphsurgeon graph (weights stay lazy: no copy until a pass reads them)."""
     graph = gs.import_onnx(model)
+    _declared_io_types(graph, model.graph)
     if weights.has_stubs(model):
         for c in _graph_constants(graph):
             if type(c._values) is LazyValues and weights.is_stub(c._values.tensor):
@@ -78,6 +79,21 @@ def to_gs(model: ModelProto) -> gs.Graph:
                 # exported onto new values if a pass replaced them.
                 c.data_location = None
     return graph
+
+
+def _declared_io_types(graph: gs.Graph, proto: onnx.GraphProto) -> None:
+    """graphsurgeon lets a value_info entry override the declared type of a graph input or output
+    (it reads value_info first); the declarations are the model's contract, so they win."""
+    from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get_onnx_tensor_shape
+
+    declared = {vi.name: vi for vi in list(proto.input) + list(proto.output) if vi.type.HasField("tensor_type")}
+    for t in list(graph.inputs) + list(graph.outputs):
+        vi = declared.get(t.name)
+        if vi is None or isinstance(t, gs.Constant):
+            continue
+        t.dtype = get_onnx_tensor_dtype(vi) if vi.type.tensor_type.elem_type else None
+        t.shape = get_onnx_tensor_shape(vi)
+        t.type = "tensor_type"
 
 
 def to_proto(graph: gs.Graph, template: ModelProto) -> ModelProto:

@@ -130,7 +130,10 @@ class ShapeInference(Pass):
         new = list(inferred.graph.value_info)
         have = {vi.name for vi in new}
         produced = {o for n in model.graph.node for o in n.output}
-        new.extend(vi for name, vi in own.items() if name not in have and name in produced)
+        # Inputs and outputs are declared where they belong; a value_info entry for one only conflicts.
+        declared = {v.name for v in model.graph.input} | {v.name for v in model.graph.output}
+        new = [vi for vi in new if vi.name not in declared]
+        new.extend(vi for name, vi in own.items() if name not in have and name in produced and name not in declared)
         after = [_vi_key(v) for v in new]
         changed = fixed or after != before
         if after != before:

@@ -463,3 +463,13 @@ def test_pipeline_is_deterministic():
     second, _ = onnxslim.optimize(m, passes="lossless", validate=False)
     assert first.SerializeToString() == second.SerializeToString()
     assert op_histogram(first) == {"Add": 1, "Conv": 1, "Relu": 1}
+
+
+def test_value_info_contradicting_an_output_does_not_win():
+    # A stale/garbage value_info entry for a graph output must not replace its declared type.
+    m = model([h.make_node("Relu", ["x"], ["y"])], [vi("x", [2, 3])], [vi("y", [2, 3])])
+    m.graph.value_info.append(h.make_tensor_value_info("y", T.STRING, [1, 1, 1, 1]))
+    for passes in ("dce", "lossless"):
+        result, report = onnxslim.optimize(m, passes=passes)
+        assert result.graph.output[0] == m.graph.output[0]
+        assert report.validation["passed"]
