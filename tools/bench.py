@@ -16,7 +16,8 @@ Per model and tool, each command runs in its own child process, interleaved over
 
 Tools: floor = onnx.load + onnx.save (external data kept when the model has it); onnxslim = the CLI
 (lossless preset) with validation and with --no-validate; onnxsim = its CLI with default options (when
-installed); ort-basic = onnxruntime SessionOptions.optimized_model_filepath at ORT_ENABLE_BASIC.
+installed); ort-basic / ort-extended = onnxruntime SessionOptions.optimized_model_filepath at
+ORT_ENABLE_BASIC / ORT_ENABLE_EXTENDED (extended writes com.microsoft fused ops: onnxruntime-only models).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,11 +57,11 @@ m = onnx.load(src)
 onnx.save(m, out, save_as_external_data=external, location=out.rsplit("/", 1)[-1] + ".data")
 """
 
-ORT_BASIC = """
+ORT_OFFLINE = """
 import sys, onnxruntime as ort
-src, out, external, lib = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4]
+src, out, external, lib, level = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4], sys.argv[5]
 so = ort.SessionOptions()
-so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
 so.optimized_model_filepath = out
 if external:
     so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
@@ -68,6 +70,19 @@ if external:
 if lib:
     so.register_custom_ops_library(lib)
 ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+"""
+
+
+WRAPPER = """
+import os, sys, time, resource
+err = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+null = os.open(os.devnull, os.O_WRONLY)
+t0 = time.perf_counter()
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], dict(os.environ),
+                      file_actions=[(os.POSIX_SPAWN_DUP2, null, 1), (os.POSIX_SPAWN_DUP2, err, 2)])
+_, status = os.waitpid(pid, 0)
+seconds = time.perf_counter() - t0
+print(seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, os.waitstatus_to_exitcode(status))
 """
 
 
@@ -100,28 +115,27 @@ class Result:
 # ---------------------------------------------------------------- child processes
 
 def run_child(cmd: list[str], timeout: float = CHILD_TIMEOUT) -> Run:
-    """Wall time and peak RSS of one child (ru_maxrss from os.wait4 covers what the child itself waited for)."""
-    with tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-        deadline = t0 + timeout
-        while True:
-            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                p.kill()
-                _, status, usage = os.wait4(p.pid, 0)
-                p.returncode = -9
-                return Run(time.perf_counter() - t0, usage.ru_maxrss / 1024, False, f"timeout after {timeout:g} s")
-            time.sleep(0.005)
-        seconds = time.perf_counter() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
-        err.seek(0)
-        text = err.read().decode(errors="replace")
+    """Wall time and peak RSS of one child, spawned by a small fresh wrapper process.
+
+    Not os.wait4 from here: the child is vforked, and at exec Linux records the high-water RSS of the
+    address space it leaves (ours) as the child's ru_maxrss, so every child would show at least this
+    process's peak. The wrapper's own peak (~14 MB) is below any child's (python + onnx is ~45 MB)."""
+    with tempfile.NamedTemporaryFile(suffix=".err") as err:
+        # Own session: on timeout the wrapper and the tool go together (killpg), nothing left running.
+        p = subprocess.Popen([sys.executable, "-c", WRAPPER, err.name, *cmd], stdout=subprocess.PIPE, text=True,
+                             start_new_session=True)
+        try:
+            stdout, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            return Run(timeout, 0.0, False, f"timeout after {timeout:g} s")
+        text = Path(err.name).read_text(errors="replace")
+    seconds, maxrss_kb, code = stdout.split()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return Run(seconds, usage.ru_maxrss / 1024, p.returncode == 0,
-               "" if p.returncode == 0 else (lines[-1][:160] if lines else f"exit {p.returncode}"))
+    ok = int(code) == 0
+    return Run(float(seconds), int(maxrss_kb) / 1024, ok,
+               "" if ok else (lines[-1][:160] if lines else f"exit {code}"))
 
 
 def _exe(name: str) -> str | None:
@@ -151,9 +165,11 @@ def onnxsim_cmd(model: Path, out: Path, ctx: dict) -> list[str]:
     return cmd
 
 
-def ort_basic_cmd(model: Path, out: Path, ctx: dict) -> list[str]:
-    return [sys.executable, "-c", ORT_BASIC, str(model), str(out), "1" if ctx["external"] else "0",
-            _extensions_library() or ""]
+def ort_offline_cmd(level: str):
+    def cmd(model: Path, out: Path, ctx: dict) -> list[str]:
+        return [sys.executable, "-c", ORT_OFFLINE, str(model), str(out), "1" if ctx["external"] else "0",
+                _extensions_library() or "", level]
+    return cmd
 
 
 def tools_available() -> dict:
@@ -162,7 +178,8 @@ def tools_available() -> dict:
              "onnxslim": onnxslim_cmd}
     if _exe("onnxsim") and importlib.util.find_spec("onnxsim"):
         tools["onnxsim"] = onnxsim_cmd
-    tools["ort-basic"] = ort_basic_cmd
+    tools["ort-basic"] = ort_offline_cmd("ORT_ENABLE_BASIC")
+    tools["ort-extended"] = ort_offline_cmd("ORT_ENABLE_EXTENDED")
     return tools
 
 
