@@ -4,7 +4,8 @@ weights and bias of the Conv / ConvTranspose / Gemm / MatMul(+Add) that produces
 BN(y) = y * s + t with s = gamma / sqrt(var + eps), t = beta - mean * s, per output channel, so
 the producer's weights are scaled per output channel and its bias becomes b * s + t. Only when the
 producer's output has no other reader and its weights (and bias) are constants. Also MatMul + Add of
-a constant bias on a rank-2 input becomes one Gemm. Arithmetic is done in float64 and cast back.
+a constant bias on a rank-2 input becomes one Gemm, and a zero Pad of spatial dims in front of a Conv
+becomes part of the Conv's pads. Arithmetic is done in float64 and cast back.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class _Fuser:
     def __init__(self, graph: gs.Graph) -> None:
         self.names = _Names(graph)
         self.opset = int(graph.opset)
-        self.stats = {"bn_folded": 0, "mul_add_fused": 0, "matmul_add_to_gemm": 0}
+        self.stats = {"bn_folded": 0, "mul_add_fused": 0, "matmul_add_to_gemm": 0, "pad_into_conv": 0}
 
     def const(self, base: str, value: np.ndarray) -> gs.Constant:
         return gs.Constant(self.names.new(base), np.array(value, order="C"))  # ascontiguousarray would make 0-d arrays 1-d
@@ -286,6 +287,42 @@ class _Fuser:
             return self._drop(g, add, x)
         return False
 
+    def pad_into_conv(self, g: gs.Graph, conv: gs.Node) -> bool:
+        """Pad(x) with zeros on spatial dims only -> Conv(x) with those pads added to its own."""
+        if not conv.inputs or conv.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+            return False
+        x = conv.inputs[0]
+        pad = _producer(x, g)
+        if pad is None or pad.op != "Pad" or not _sole_reader(x, g, conv):
+            return False
+        mode = pad.attrs.get("mode", "constant")
+        if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+            return False
+        if self.opset < 11:
+            pads, value = pad.attrs.get("pads"), float(pad.attrs.get("value", 0.0))
+        else:
+            if len(pad.inputs) > 3 and pad.inputs[3].name:  # 'axes' (opset 18)
+                return False
+            pads = const_value(pad.inputs[1]) if len(pad.inputs) > 1 else None
+            cv = pad.inputs[2] if len(pad.inputs) > 2 and pad.inputs[2].name else None
+            v = const_value(cv) if cv is not None else np.zeros(1)
+            if v is None or np.asarray(v).size > 1:
+                return False
+            value = float(np.asarray(v).ravel()[0]) if np.asarray(v).size else 0.0
+        if pads is None or value != 0.0:
+            return False
+        pads = [int(p) for p in np.asarray(pads).ravel()]
+        rank = len(pads) // 2
+        w = conv.inputs[1] if len(conv.inputs) > 1 else None
+        k = len(conv.attrs["kernel_shape"]) if "kernel_shape" in conv.attrs else (
+            len(w.shape) - 2 if w is not None and w.shape is not None else None)
+        if k is None or rank != k + 2 or any(p < 0 for p in pads) or pads[0] or pads[1] or pads[rank] or pads[rank + 1]:
+            return False
+        own = [int(p) for p in conv.attrs.get("pads", [0] * (2 * k))]
+        conv.attrs["pads"] = [own[i] + pads[2 + i] for i in range(k)] + [own[k + i] + pads[rank + 2 + i] for i in range(k)]
+        conv.inputs[0] = pad.inputs[0]
+        return True
+
     def _drop(self, g: gs.Graph, node: gs.Node, replacement: gs.Tensor) -> bool:
         """``node`` is now the identity on ``replacement``: its readers read the producer's output."""
         if substitute(g, node.outputs[0], replacement):
@@ -302,7 +339,7 @@ class _Fuser:
 class BatchNormFolding(Pass):
     name = "bn-fold"
     description = ("Fold BatchNormalization and per-channel Mul/Add/Sub/Div into the preceding Conv/ConvTranspose/"
-                   "Gemm/MatMul; MatMul+Add bias -> Gemm")
+                   "Gemm/MatMul; MatMul+Add bias -> Gemm; zero Pad -> Conv pads")
     lossless = True
 
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
@@ -317,6 +354,8 @@ class BatchNormFolding(Pass):
                     fuser.stats["mul_add_fused"] += 1
                 elif node.op == "Add" and fuser.matmul_add_to_gemm(g, node):
                     fuser.stats["matmul_add_to_gemm"] += 1
+                elif node.op == "Conv" and fuser.pad_into_conv(g, node):
+                    fuser.stats["pad_into_conv"] += 1
         changed = any(fuser.stats.values())
         if changed:
             graph.cleanup(remove_unused_graph_inputs=False)

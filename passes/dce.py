@@ -293,14 +293,21 @@ def noop_source(node: gs.Node, g: gs.Graph) -> gs.Tensor | None:
     return None
 
 
+# Ops that only relabel the shape of their input, never move data: a Reshape after them can read their input.
+RESHAPING_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
+
+
 def fuse_with_producer(node: gs.Node, g: gs.Graph) -> bool:
-    """Transpose(Transpose(x)) -> one Transpose, Reshape(Reshape(x)) -> one Reshape: the second node reads
-    ``x`` directly (the first dies if nothing else reads it). Exact: a composed permutation; a reshape
-    whose target has no 0 (copy-a-dim) entry does not depend on the shape it starts from."""
+    """Transpose(Transpose(x)) -> one Transpose; Reshape(Reshape/Flatten/Squeeze/Unsqueeze(x)) -> Reshape(x):
+    the second node reads ``x`` directly (the first dies if nothing else reads it). Exact: a composed
+    permutation; a reshape whose target has no 0 (copy-a-dim) entry does not depend on the shape it
+    starts from, only on the element order, which those ops keep."""
     if not is_default_domain(node) or not node.inputs or not node.outputs or not node.inputs[0].name:
         return False
     first = _producer(node.inputs[0], g)
-    if first is None or first.op != node.op or not is_default_domain(first) or not first.inputs:
+    if first is None or not is_default_domain(first) or not first.inputs or not first.inputs[0].name:
+        return False
+    if first.op != node.op and not (node.op == "Reshape" and first.op in RESHAPING_OPS):
         return False
     if node.op == "Transpose":
         p1, p2 = _perm(first, first.inputs[0]), _perm(node, node.inputs[0])

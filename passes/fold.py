@@ -223,6 +223,8 @@ class _Folder:
                     self.constant_node(g, node)
                 elif node.op in ("Shape", "Size"):
                     self.shape_node(g, node)
+                elif node.op in ("Gather", "Slice") and self.shape_part(g, node):
+                    pass
                 else:
                     self.generic(g, node)
             except InputError:
@@ -257,6 +259,61 @@ class _Folder:
             value = np.array(shape[start:None if end is None else int(end)], dtype=np.int64)
         _set_constant(g, node, node.outputs[0], value)
         self.stats["shapes_folded"] += 1
+
+    def shape_part(self, g: gs.Graph, node: gs.Node) -> bool:
+        """Gather/Slice picking only the static dims out of Shape(x) (x's other dims may be symbolic):
+        the picked dims are a constant, e.g. Shape([N,24,8,8])[1:] -> [24, 8, 8]."""
+        src = node.inputs[0] if node.inputs else None
+        shp = src.inputs[0] if src is not None and len(src.inputs) == 1 else None
+        if shp is None or shp.op != "Shape" or not is_default_domain(shp) or not self.live(g, node):
+            return False
+        x = shp.inputs[0]
+        if not is_tensor(x) or x.shape is None:
+            return False
+        start, end = int(shp.attrs.get("start", 0)), shp.attrs.get("end")
+        dims = list(x.shape)[start:None if end is None else int(end)]
+        picked = self._pick(node, dims, int(g.opset))
+        if picked is None:
+            return False
+        values, shape = picked
+        if any(not isinstance(d, (int, np.integer)) or isinstance(d, bool) or d < 0 for d in values):
+            return False
+        _set_constant(g, node, node.outputs[0], np.array(values, dtype=np.int64).reshape(shape))
+        self.stats["shapes_folded"] += 1
+        return True
+
+    @staticmethod
+    def _pick(node: gs.Node, dims: list, opset: int) -> tuple[list, tuple[int, ...]] | None:
+        n = len(dims)
+        if node.op == "Gather":
+            idx = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+            if idx is None or int(node.attrs.get("axis", 0)) not in (0, -1):
+                return None
+            idx = np.asarray(idx)
+            if idx.dtype.kind not in "iu" or np.any(idx >= n) or np.any(idx < -n):
+                return None
+            return [dims[int(i)] for i in idx.ravel()], idx.shape
+        if opset < 10:
+            starts, ends, axes, steps = node.attrs.get("starts"), node.attrs.get("ends"), node.attrs.get("axes"), None
+        else:
+            vals = [const_value(t) if t.name else None for t in node.inputs[1:5]]
+            if any(v is None for v, t in zip(vals, node.inputs[1:5]) if t.name):
+                return None
+            vals += [None] * (4 - len(vals))
+            starts, ends, axes, steps = vals
+        if starts is None or ends is None:
+            return None
+        starts, ends = np.asarray(starts).ravel(), np.asarray(ends).ravel()
+        if len(starts) != 1 or len(ends) != 1:
+            return None
+        if axes is not None and int(np.asarray(axes).ravel()[0]) not in (0, -1):
+            return None
+        step = 1 if steps is None else int(np.asarray(steps).ravel()[0])
+        if step <= 0:
+            return None
+        # ONNX clamps like Python slicing does for a positive step.
+        out = dims[slice(int(np.clip(starts[0], -2**62, 2**62)), int(np.clip(ends[0], -2**62, 2**62)), step)]
+        return out, (len(out),)
 
     def generic(self, g: gs.Graph, node: gs.Node) -> None:
         if node.op in SKIP_OPS or has_subgraph(node) or not node.inputs or not self.live(g, node):

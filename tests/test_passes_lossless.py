@@ -473,3 +473,48 @@ def test_value_info_contradicting_an_output_does_not_win():
         result, report = onnxslim.optimize(m, passes=passes)
         assert result.graph.output[0] == m.graph.output[0]
         assert report.validation["passed"]
+
+
+def test_fold_static_dims_of_a_dynamic_shape():
+    # x is [N, 4, 6]: Shape(x)[1:] and Shape(x)[2] are constants although N is not.
+    nodes = [h.make_node("Shape", ["x"], ["s"]),
+             h.make_node("Slice", ["s", "one", "big"], ["tail"]),
+             h.make_node("ReduceProd", ["tail"], ["prod"], keepdims=1),
+             h.make_node("Gather", ["s", "i0"], ["n"], axis=0),  # the symbolic N: stays
+             h.make_node("Concat", ["n", "prod"], ["target"], axis=0),
+             h.make_node("Reshape", ["x", "target"], ["y"])]
+    inits = [init("one", np.array([1], np.int64)), init("big", np.array([2**63 - 1], np.int64)),
+             init("i0", np.array([0], np.int64))]
+    m = model(nodes, [vi("x", ["N", 4, 6])], [vi("y", None)], inits)
+    out, res = run_pass(m, "fold")
+    assert op_histogram(out) == {"Concat": 1, "Gather": 1, "Reshape": 1, "Shape": 1}
+    assert {t.name: nh.to_array(t).tolist() for t in out.graph.initializer}["prod"] == [24]
+    assert_same(m, out, x_feed((3, 4, 6)))
+
+
+def test_dce_reshape_reads_through_shape_only_ops():
+    nodes = [h.make_node("ReduceMean", ["x"], ["r"], axes=[2, 3], keepdims=0),
+             h.make_node("Unsqueeze", ["r", "ax"], ["u"]),
+             h.make_node("Reshape", ["u", "flat"], ["y"])]
+    m = model(nodes, [vi("x", ["N", 8, 4, 4])], [vi("y", None)],
+              [init("ax", np.array([2], np.int64)), init("flat", np.array([-1, 8], np.int64))])
+    m, _ = run_pass(m, "shape-inference")
+    out, _ = run_pass(m, "dce")
+    assert op_histogram(out) == {"ReduceMean": 1}  # Reshape(Unsqueeze(r)) == Reshape(r) == r
+    assert_same(m, out, x_feed((2, 8, 4, 4)))
+
+
+def test_bn_fold_zero_pad_into_conv():
+    w = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    nodes = [h.make_node("Pad", ["x", "pads"], ["p"]), h.make_node("Conv", ["p", "w"], ["c"], pads=[0, 1, 0, 1]),
+             h.make_node("Pad", ["c", "pads2"], ["p2"], mode="reflect"),  # not zeros: stays
+             h.make_node("Conv", ["p2", "w2"], ["y"])]
+    inits = [init("pads", np.array([0, 0, 1, 2, 0, 0, 1, 0], np.int64)), init("w", w),
+             init("pads2", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)),
+             init("w2", RNG.standard_normal((2, 4, 3, 3)).astype(np.float32))]
+    m = model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", None)], inits)
+    out, res = run_pass(m, "bn-fold")
+    assert op_histogram(out) == {"Conv": 2, "Pad": 1} and res.stats["pad_into_conv"] == 1
+    conv = next(n for n in out.graph.node if n.op_type == "Conv" and n.input[0] == "x")
+    assert h.get_attribute_value(next(a for a in conv.attribute if a.name == "pads")) == [1, 3, 1, 1]
+    assert_same(m, out, x_feed((1, 3, 8, 8)), rtol=1e-4, atol=1e-4)

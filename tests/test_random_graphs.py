@@ -1,8 +1,9 @@
 """Hypothesis-generated random graphs: the lossless pipeline's outputs equal the original's.
 
 The generator mixes elementwise ops, constants (including neutral ones and constant-only
-subexpressions), Conv (+BatchNormalization, +per-channel Mul/Add), MatMul (+bias), Reshape/Transpose
-(including cancelling pairs), Concat/Split, shape subgraphs, duplicated nodes and dead branches.
+subexpressions), Conv (+zero Pad, +BatchNormalization, +per-channel Mul/Add), MatMul (+bias),
+Reshape/Transpose (including cancelling pairs), Unsqueeze->Reshape, Concat/Split, shape subgraphs
+(batch and static dims), duplicated nodes and dead branches.
 Derandomized, so every run checks the same graphs; it stays well under a minute.
 """
 
@@ -65,7 +66,7 @@ class Builder:
     def step(self) -> None:
         kind = self.draw(st.sampled_from(["unary", "binary_const", "binary", "conv", "matmul", "transpose",
                                           "reshape", "concat_split", "const_expr", "shape_chain", "duplicate",
-                                          "dead"]))
+                                          "dead", "unsqueeze_reshape"]))
         getattr(self, kind)()
 
     def unary(self):
@@ -102,6 +103,9 @@ class Builder:
         c = s[1]
         group = self.draw(st.sampled_from([g for g in (1, 2) if c % g == 0]))
         m = group * self.draw(st.integers(1, 3))
+        if self.draw(st.booleans()):  # an explicit zero Pad in front (fused into the Conv's pads)
+            (x,) = self.node("Pad", [x, self.const(np.array([0, 0, 1, 0, 0, 0, 0, 1], np.int64), "pads")], None)
+            s = (s[0], s[1], s[2] + 1, s[3] + 1)
         ins = [x, self.const(self.floats((m, c // group, 3, 3)) * 0.3, "w")]
         if self.draw(st.booleans()):
             ins.append(self.const(self.floats((m,)), "b"))
@@ -169,9 +173,21 @@ class Builder:
     def shape_chain(self):
         x, s = self.pick()
         (sh,) = self.node("Shape", [x], None)
-        (g,) = self.node("Gather", [sh, self.const(np.array([0], np.int64), "idx")], None, axis=0)
-        (t,) = self.node("Concat", [g, self.const(np.array([-1], np.int64), "m1")], None, axis=0)
-        self.node("Reshape", [x, t], (s[0], int(np.prod(s[1:]))))
+        if self.draw(st.booleans()):  # the batch dim (symbolic or not) and -1
+            (g,) = self.node("Gather", [sh, self.const(np.array([0], np.int64), "idx")], None, axis=0)
+            (t,) = self.node("Concat", [g, self.const(np.array([-1], np.int64), "m1")], None, axis=0)
+            self.node("Reshape", [x, t], (s[0], int(np.prod(s[1:]))))
+        else:  # -1 and the product of the other (static) dims
+            (tail,) = self.node("Slice", [sh, self.const(np.array([1], np.int64), "st"),
+                                          self.const(np.array([2**63 - 1], np.int64), "en")], None)
+            (p,) = self.node("ReduceProd", [tail], None, keepdims=1)
+            (t,) = self.node("Concat", [self.const(np.array([-1], np.int64), "m1"), p], None, axis=0)
+            self.node("Reshape", [x, t], (s[0], int(np.prod(s[1:]))))
+
+    def unsqueeze_reshape(self):
+        x, s = self.pick()
+        (u,) = self.node("Unsqueeze", [x, self.const(np.array([1], np.int64), "ax")], None)
+        self.node("Reshape", [u, self.const(np.array([-1] + list(s[1:]), np.int64), "shape")], s)
 
     def duplicate(self):
         if not self.nodes:
@@ -220,7 +236,7 @@ def run(m: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
     return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+@settings(max_examples=100, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.data())
 def test_lossless_pipeline_keeps_outputs(data):
