@@ -18,6 +18,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -330,8 +331,11 @@ def load_model(source: str | os.PathLike | ModelProto | Model, *, check: bool = 
             store.close()
         raise
     file_size = st.st_size + sum(p.stat().st_size for p in set(files.values()))
-    return Model(proto=model, path=path, external_data=bool(files), file_size=file_size, data_files=list(files),
-                 store=store)
+    loaded = Model(proto=model, path=path, external_data=bool(files), file_size=file_size, data_files=list(files),
+                   store=store)
+    if store is not None:
+        weakref.finalize(loaded, store.close)  # the files are released even if nobody calls close()
+    return loaded
 
 
 def _read(path: Path, what: str, store: weights.WeightStore | None) -> ModelProto:
