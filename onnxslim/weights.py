@@ -429,7 +429,7 @@ def _typed_fields(t: TensorProto) -> bool:
 # Protobuf serializes known fields in field-number order, so the file is: the model's fields
 # before the graph, the graph (its fields before initializers, each initializer with its raw_data
 # streamed in, the fields after), the model's fields after the graph. The bytes equal what
-# SerializeToString() would produce for the materialized model (tests/test_big_model.py checks).
+# SerializeToString() would produce for the materialized model (tests/test_io.py checks).
 
 def _is_repeated(fd) -> bool:
     rep = getattr(fd, "is_repeated", None)
