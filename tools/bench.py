@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +109,6 @@ class Result:
     latency_ratio: float | None = None
     outputs_ok: bool | None = None
     note: str = ""
-    runs: list = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- child processes
@@ -334,6 +333,7 @@ def bench_model(model: Path, work: Path, *, rounds: int, big: bool = False, lat_
         if do_latency and reference and res.outputs_ok and tool != "onnxslim --no-validate":
             try:
                 before, after, ratio = latency(model, out, feeds[0], lat_seconds)
+                # Shown: the paired ratio. Milliseconds of different pairs are not comparable on a busy machine.
                 res.latency_ms, res.latency_ratio = after, ratio
                 if base.latency_ms is None:
                     base.latency_ms = before
@@ -353,9 +353,41 @@ def _fmt_size(n: int | None) -> str:
     return f"{n} B"
 
 
+def latency_cell(r: Result) -> str:
+    if r.latency_ratio is not None:
+        return f"{r.latency_ratio:.2f}x"
+    return "" if r.latency_ms is None else (f"{r.latency_ms:.3f} ms" if r.latency_ms < 1 else f"{r.latency_ms:.1f} ms")
+
+
+def md_table(rows: list[list[str]]) -> str:
+    w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    line = lambda row: "| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(row)) + " |"  # noqa: E731
+    return "\n".join([line(rows[0]), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in rows[1:]])
+
+
+def summary(results: list[Result]) -> str:
+    """One row per model: node counts of every tool (outputs checked), onnxslim's time and memory vs the floor."""
+    tools = list(dict.fromkeys(r.tool for r in results if r.tool not in ("original / floor", "onnxslim --no-validate")))
+    by_model: dict[str, dict[str, Result]] = {}
+    for r in results:
+        by_model.setdefault(r.model, {})[r.tool] = r
+    rows = [["model", "nodes", *[f"{t} nodes" for t in tools], "onnxslim time × floor (--no-validate)",
+             "onnxslim peak × floor"]]
+    for name, rs in by_model.items():
+        def nodes(t: str) -> str:
+            r = rs.get(t)
+            if r is None or r.nodes is None:
+                return "failed" if r is not None else "-"
+            return f"{r.nodes}" + ("" if r.outputs_ok else " (outputs differ)")
+        slim, nv = rs.get("onnxslim"), rs.get("onnxslim --no-validate")
+        rows.append([name, str(rs["original / floor"].nodes), *[nodes(t) for t in tools],
+                     f"{slim.time_x:.2f} ({nv.time_x:.2f})" if slim and nv and slim.time_x and nv.time_x else "",
+                     f"{slim.mem_x:.2f}" if slim and slim.mem_x else ""])
+    return md_table(rows)
+
+
 def markdown(results: list[Result]) -> str:
-    head = ["model", "tool", "time s", "× floor", "peak MB", "× floor", "nodes", "size", "latency ms", "× orig",
-            "outputs"]
+    head = ["model", "tool", "time s", "× floor", "peak MB", "× floor", "nodes", "size", "latency", "outputs"]
     rows = [head]
     last = None
     for r in results:
@@ -367,13 +399,10 @@ def markdown(results: list[Result]) -> str:
             "" if r.peak_mb is None else f"{r.peak_mb:.0f}",
             "" if r.mem_x is None else f"{r.mem_x:.2f}",
             "" if r.nodes is None else str(r.nodes), _fmt_size(r.size),
-            "" if r.latency_ms is None else f"{r.latency_ms:.3f}",
-            "" if r.latency_ratio is None else f"{r.latency_ratio:.2f}",
+            latency_cell(r),
             ok + (f" ({r.note})" if r.note else "")])
         last = r.model
-    w = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    line = lambda row: "| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(row)) + " |"  # noqa: E731
-    return "\n".join([line(rows[0]), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in rows[1:]])
+    return md_table(rows)
 
 
 def acceptance(results: list[Result], big: bool) -> list[str]:
@@ -421,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, help="interleaved timing rounds (default 3; 2 with --big-mb)")
     ap.add_argument("--filter", default="", help="only models whose name contains this")
     ap.add_argument("--no-latency", action="store_true")
-    ap.add_argument("--latency-seconds", type=float, default=1.0, help="time budget of each paired latency")
+    ap.add_argument("--latency-seconds", type=float, default=2.0, help="time budget of each paired latency")
     ap.add_argument("--json", type=Path, help="write every number here")
     ap.add_argument("--work", type=Path, help="keep outputs here (default: a temporary folder)")
     args = ap.parse_args(argv)
@@ -447,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
+    print(summary(results))
+    print()
     print(markdown(results))
     print()
     for line in acceptance(results, big):
