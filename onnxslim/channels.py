@@ -25,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import ModelProto
 
 from onnxslim.graph import const_value, has_subgraph, is_default_domain, outer_scope_names
 
@@ -785,7 +786,8 @@ class _Tracer:
         axes = node.attrs.get("axes") if self.an.opset < 13 else self.input_ints(node, 1)
         if axes is None and r is not None:
             shape = _shape(node.inputs[0])
-            axes = [d for d, s in enumerate(shape) if s == 1] if all(_dim(shape, d) is not None for d in range(r)) else None
+            static = all(_dim(shape, d) is not None for d in range(r))
+            axes = [d for d, s in enumerate(shape) if s == 1] if static else None
         if axes is None or r is None:
             self.an.freeze(lay.ids, f"{self.where(node)}: unknown axes")
             return
@@ -835,7 +837,8 @@ class _Tracer:
     def op_Resize(self, i: int, node: gs.Node, ins: list) -> None:
         lay = ins[0]
         where = self.where(node)
-        if any(x is not None for x in ins[1:]) or node.attrs.get("coordinate_transformation_mode") == "tf_crop_and_resize":
+        crop = node.attrs.get("coordinate_transformation_mode") == "tf_crop_and_resize"
+        if any(x is not None for x in ins[1:]) or crop:
             self.freeze_inputs(node, f"{where}: unsupported mode")
             return
         r = _rank(node.inputs[0])
@@ -1031,20 +1034,30 @@ def kept_count(units: int, ratio: float, round_to: int = 1, min_channels: int = 
 
 
 def plan(an: Analysis, ratios: dict[str, float] | float, imp: np.ndarray, *, round_to: int = 1,
-         min_channels: int = 1) -> np.ndarray:
-    """The atom keep mask: in each prunable group, the least important units beyond the kept count go."""
+         min_channels: int = 1, select: Callable[[dict[str, int]], list[tuple[str, int]]] | None = None) -> np.ndarray:
+    """The atom keep mask: in each prunable group, the least important units beyond the kept count go.
+
+    ``select`` (e.g. onnxslim.refit.ReconSelector) chooses which units instead: given units to remove
+    per group id, it returns (group id, unit index) pairs."""
     keep = np.ones(an.n_atoms, bool)
-    unit_imp: dict[str, np.ndarray] = {}
+    removals: dict[str, int] = {}
     for g in an.groups:
         r = ratios if isinstance(ratios, (int, float)) else ratios.get(g.id, 0.0)
         if not g.prunable or r <= 0:
             continue
-        scores = np.array([imp[u].sum() for u in g.units])
-        unit_imp[g.id] = scores
         k = kept_count(len(g.units), float(r), round_to, min_channels)
-        order = np.argsort(-scores, kind="stable")
-        for u in order[k:]:
-            keep[g.units[u]] = False
+        if k < len(g.units):
+            removals[g.id] = len(g.units) - k
+    if select is not None and removals:
+        by_id = {g.id: g for g in an.groups}
+        for gid, u in select(removals):
+            keep[by_id[gid].units[u]] = False
+    else:
+        for g in an.groups:
+            if g.id in removals:
+                scores = np.array([imp[u].sum() for u in g.units])
+                for u in np.argsort(-scores, kind="stable")[len(g.units) - removals[g.id]:]:
+                    keep[g.units[u]] = False
     # A Split/Slice piece must keep a channel: bring back its most important unit.
     for seg in an.segments:
         ids = seg[seg >= 0]
@@ -1191,7 +1204,7 @@ def pruned_copy(an: Analysis, keep: np.ndarray) -> tuple[gs.Graph, dict[int, gs.
     return g, apply(g, an, keep)
 
 
-def export(graph: gs.Graph, template) -> "onnx.ModelProto":
+def export(graph: gs.Graph, template: ModelProto) -> ModelProto:
     """The pruned graph as a model, intermediate shapes inferred afresh."""
     import onnx
 

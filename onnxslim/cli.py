@@ -63,7 +63,7 @@ GATE_OPTIONS = [
 ]
 PRUNE_OPTIONS = [
     click.option("--prune-ratio", type=click.FloatRange(0.0, 0.95), help="Fraction of channels removed per group."),
-    click.option("--prune-importance", type=click.Choice(["l1", "l2"]), help="Channel importance norm (default l1)."),
+    click.option("--prune-importance", type=click.Choice(["l1", "l2", "recon"]), help="Channel ranking: weight norm l1/l2, or recon (what the refit can rebuild; default with --calib, else l1)."),
     click.option("--round-to", type=click.IntRange(min=1), help="Keep channel counts multiples of N."),
     click.option("--prune-min-channels", type=click.IntRange(min=1), help="Minimum channels kept per layer."),
     click.option("--prune-target", type=str, help="Global target instead of a ratio: params=0.5 or macs=0.5."),
@@ -216,7 +216,7 @@ def validate_cmd(original: str, optimized: str, inputs: str | None, input_shape:
 @click.option("--calib-size", type=click.IntRange(min=1), help="Use at most N calibration samples.")
 @click.option("--calib-batch", type=click.IntRange(min=1), help="Batch size for running the model.")
 @click.option("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7", show_default=True, help="Ratios to try per group.")
-@click.option("--prune-importance", type=click.Choice(["l1", "l2"]), help="Channel importance norm (default l1).")
+@click.option("--prune-importance", type=click.Choice(["l1", "l2", "recon"]), help="Channel ranking: weight norm l1/l2, or recon (what the refit can rebuild; default with --calib, else l1).")
 @click.option("--round-to", type=click.IntRange(min=1), help="Keep channel counts multiples of N (default 8).")
 @click.option("--prune-min-channels", type=click.IntRange(min=1), help="Minimum channels kept per layer.")
 @click.option("--refit/--no-refit", default=True, show_default=True,

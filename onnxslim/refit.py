@@ -304,3 +304,127 @@ def _solve(la: _Layer, ridge: float, tag: str) -> LayerFit:
         return LayerFit(name, la.node.op, la.rows, A.shape[0], before, before, skipped="no improvement")
     _write(la, w[:d], w[d] if has_bias else None, tag)
     return LayerFit(name, la.node.op, la.rows, A.shape[0], before, after)
+
+
+class ReconSelector:
+    """Which channels to remove, chosen by what the refit can rebuild (He et al. 2017's channel selection
+    and ThiNet's greedy criterion, in closed form).
+
+    For every reader L of pruned channels, one pass of the original model accumulates the normal
+    equations of L's output on its input features (A = X^T X with a bias column, B = X^T Y). With
+    P = A^-1 and the least-squares weights beta = P B, removing a block F of input features (one
+    channel: its kernel positions, or its block of flattened features) and refitting the rest raises
+    the squared error by tr(beta_F^T P_FF^-1 beta_F) (a block downdate of the inverse, as in Optimal
+    Brain Surgeon). Units are removed greedily, cheapest first, summing that increase over the group's
+    readers (each relative to its output energy); after each removal P and beta are downdated, so a
+    channel that others can stand in for goes before one that carries something unique.
+    """
+
+    def __init__(self, an: Analysis, model: ModelProto, calib: CalibrationData, imp: np.ndarray, *,
+                 batch: int = 64, ridge: float = 1e-4, max_rows: int = DEFAULT_MAX_ROWS, seed: int = 0,
+                 progress: Callable[[str], None] = lambda m: None) -> None:
+        from onnxslim.runtime import make_session
+
+        self.an, self.imp = an, imp
+        rng = np.random.default_rng(seed)
+        code = np.full(an.n_atoms, -1, np.int64)  # atom -> (group index << 32) + unit index
+        for gi, g in enumerate(an.groups):
+            if g.prunable:
+                for ui, u in enumerate(g.units):
+                    code[u] = (gi << 32) + ui
+        self.readers: list[dict[str, Any]] = []
+        layers: list[tuple[Any, _Layer, np.ndarray]] = []
+        for c in an.consumers:
+            node = an.graph.nodes[c.node]
+            w = np.asarray(const_value(node.inputs[1]))
+            if node.op == "Conv" and w.ndim == 4:
+                per = int(w.shape[2] * w.shape[3])
+            elif node.op == "MatMul" or (node.op == "Gemm" and not int(node.attrs.get("transA", 0))):
+                per = 1
+            else:
+                continue
+            pos_code = np.where(c.ids >= 0, code[np.clip(c.ids, 0, None)], -1)
+            if (pos_code < 0).all():
+                continue
+            feat = np.concatenate([np.repeat(pos_code, per), [-1]])  # the bias column is never removed
+            layers.append((c, _Layer(node, None), feat))
+        if not layers:
+            return
+        progress("prune: channel selection statistics")
+        names = [la.node.inputs[0].name for _, la, _ in layers] + [la.node.outputs[0].name for _, la, _ in layers]
+        sess = make_session(_with_outputs(model, list(dict.fromkeys(names))))
+        out_names = [o.name for o in sess.get_outputs()]
+        n_batches = max(1, -(-calib.size // batch))
+        for feeds in calib.batches(batch):
+            got = dict(zip(out_names, sess.run(out_names, feeds)))
+            for _, la, _ in layers:
+                x = np.asarray(got[la.node.inputs[0].name], np.float32)
+                y = np.asarray(got[la.node.outputs[0].name], np.float32)
+                rows = max(64, min(max_rows, max(4096, ROWS_PER_FEATURE * la.features)) // n_batches)
+                if la.node.op == "Conv":
+                    xr, yr = _conv_rows(la.node, np.asarray(const_value(la.node.inputs[1])), x, y, rows, rng)
+                else:
+                    xr, yr = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+                    if len(xr) > rows:
+                        pick = rng.choice(len(xr), rows, replace=False)
+                        xr, yr = xr[pick], yr[pick]
+                xr = np.concatenate([xr, np.ones((len(xr), 1), np.float32)], axis=1)
+                a, b = (xr.T @ xr).astype(np.float64), (xr.T @ yr).astype(np.float64)
+                la.A = a if la.A is None else la.A + a
+                la.B = b if la.B is None else la.B + b
+                la.yy += float(np.square(yr, dtype=np.float64).sum())
+        for c, la, feat in layers:
+            d = la.A.shape[0] - 1
+            reg = np.zeros(d + 1)
+            reg[:d] = ridge * max(float(np.trace(la.A[:d, :d])) / max(d, 1), 1e-12)
+            try:
+                p = np.linalg.inv(la.A + np.diag(reg))
+            except np.linalg.LinAlgError:
+                p = np.linalg.pinv(la.A + np.diag(reg))
+            self.readers.append({"P": p, "beta": p @ la.B, "feat": feat, "scale": 1.0 / max(la.yy, 1e-30),
+                                 "groups": {int(v >> 32) for v in feat if v >= 0}})
+            la.A = la.B = None
+
+    def __call__(self, removals: dict[str, int]) -> list[tuple[str, int]]:
+        chosen: list[tuple[str, int]] = []
+        state = [dict(r, P=r["P"].copy(), beta=r["beta"].copy(), feat=r["feat"].copy()) for r in self.readers]
+        for gi, g in enumerate(self.an.groups):
+            n = removals.get(g.id, 0)
+            if not n:
+                continue
+            mine = [r for r in state if gi in r["groups"]]
+            left = list(range(len(g.units)))
+            if not mine:  # no reader the criterion can model: fall back to the weight norms
+                scores = np.array([self.imp[u].sum() for u in g.units])
+                chosen += [(g.id, int(u)) for u in np.argsort(scores, kind="stable")[:n]]
+                continue
+            while n > 0:
+                step = max(1, n // 16)
+                costs = np.zeros(len(left))
+                for r in mine:
+                    for k, u in enumerate(left):
+                        f = np.flatnonzero(r["feat"] == (gi << 32) + u)
+                        if len(f):
+                            bf = r["beta"][f]
+                            costs[k] += r["scale"] * float(np.sum(bf * np.linalg.solve(r["P"][np.ix_(f, f)], bf)))
+                drop = [left[k] for k in np.argsort(costs, kind="stable")[:step]]
+                for r in mine:
+                    codes = [(gi << 32) + u for u in drop]
+                    _downdate(r, np.flatnonzero(np.isin(r["feat"], codes)))
+                chosen += [(g.id, int(u)) for u in drop]
+                left = [u for u in left if u not in drop]
+                n -= len(drop)
+        return chosen
+
+
+def _downdate(r: dict[str, Any], f: np.ndarray) -> None:
+    """Remove features ``f`` from a reader's inverse normal matrix and refit weights (block elimination)."""
+    if not len(f):
+        return
+    keep = np.setdiff1d(np.arange(len(r["feat"])), f)
+    p = r["P"]
+    pff = p[np.ix_(f, f)]
+    prf = p[np.ix_(keep, f)]
+    r["beta"] = r["beta"][keep] - prf @ np.linalg.solve(pff, r["beta"][f])
+    r["P"] = p[np.ix_(keep, keep)] - prf @ np.linalg.solve(pff, prf.T)
+    r["feat"] = r["feat"][keep]

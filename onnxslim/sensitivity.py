@@ -4,9 +4,9 @@
 on calibration data (mean per-sample cosine, the worst output; accuracy too when labels exist) and the
 parameters/MACs that ratio removes. With ``refit`` each trial refits the group's readers first: the
 pass refits, so that is the drift that predicts its result (on the digits CNN the no-refit ranking
-gave a params=0.5 allocation with lower cosine than the refit one; see tools/bench_prune.py). ``allocate`` turns that into
-one ratio per group for a global target (``params=0.5``: remove half the parameters) with the least
-summed drift: a Lagrangian sweep (minimize drift - lam * saving per group, bisect lam until the real
+gave a params=0.5 allocation with lower cosine than the refit one; see tools/bench_prune.py).
+``allocate`` turns that into one ratio per group for a global target (``params=0.5``: remove half the
+parameters) with the least summed drift: a Lagrangian sweep (minimize drift - lam * saving per group, bisect lam until the real
 joint reduction, computed on the pruned graph's shapes, reaches the target).
 """
 
@@ -46,7 +46,8 @@ def _metrics(ref: list[np.ndarray], out: list[np.ndarray], labels: np.ndarray | 
 def measure(model: ModelProto, calib: CalibrationData, *, an: ch.Analysis | None = None,
             imp: np.ndarray | None = None, ratios: tuple[float, ...] = RATIOS, importance: str = "l1",
             round_to: int = ch.DEFAULT_ROUND_TO, min_channels: int = 1, batch: int | None = None,
-            max_samples: int = MAX_SAMPLES, refit: bool = False, progress=lambda m: None) -> dict[str, Any]:
+            max_samples: int = MAX_SAMPLES, refit: bool = False, select=None,
+            progress=lambda m: None) -> dict[str, Any]:
     """Per group and ratio: channels kept, drift, accuracy, params/MACs removed (see module doc)."""
     if an is None:
         an = ch.analyze(ch.traced_graph(model))
@@ -78,7 +79,7 @@ def measure(model: ModelProto, calib: CalibrationData, *, an: ch.Analysis | None
             progress(f"sensitivity: group {prunable.index(g) + 1}/{len(prunable)}")
             last_keep, last = None, None
             for r in ratios:
-                keep = ch.plan(an, {g.id: r}, imp, round_to=round_to, min_channels=min_channels)
+                keep = ch.plan(an, {g.id: r}, imp, round_to=round_to, min_channels=min_channels, select=select)
                 if last_keep is not None and np.array_equal(keep, last_keep):
                     m = dict(last)
                 else:
@@ -184,7 +185,8 @@ def format_sensitivity(res: dict[str, Any]) -> str:
              f"output cosine to the original when only that group is pruned at ratio r{refit}:"]
     lines.append(_table(rows))
     if res.get("accuracy") is not None:
-        lines += ["", f"accuracy (%) when only that group is pruned (original {res['accuracy']:.2f}%):", _table(acc_rows)]
+        lines += ["", f"accuracy (%) when only that group is pruned (original {res['accuracy']:.2f}%):",
+                  _table(acc_rows)]
     for g in res["groups"]:
         if g["points"]:
             names = ", ".join(g["layers"][:4]) + (" ..." if len(g["layers"]) > 4 else "")

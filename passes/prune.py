@@ -43,7 +43,7 @@ def parse_target(spec: str) -> tuple[str, float]:
 def settings(ctx: Context) -> dict[str, Any]:
     """The pass's options with their defaults (shared with the sensitivity command)."""
     return {
-        "importance": ctx.option("prune_importance", "l1"),
+        "importance": ctx.option("prune_importance"),
         "round_to": int(ctx.option("round_to", ch.DEFAULT_ROUND_TO)),
         "min_channels": int(ctx.option("prune_min_channels", 1)),
     }
@@ -77,10 +77,20 @@ class Prune(Pass):
         if refit and calib is None:
             raise InputError("prune: --prune-refit needs calibration data (--calib FILE.npz)")
 
+        # With calibration data the channels go by what the refit can rebuild (ReconSelector); the
+        # weight norms rank them otherwise, and always for counting (allocation) and fallbacks.
+        importance = s["importance"] or ("recon" if refit else "l1")
+        if importance == "recon" and calib is None:
+            raise InputError("prune: --prune-importance recon needs calibration data (--calib)")
         ctx.progress("prune: tracing channels")
         an = ch.analyze(ch.traced_graph(model))
-        imp = ch.importance(an, s["importance"])
-        report: dict[str, Any] = {"importance": s["importance"], "round_to": s["round_to"],
+        imp = ch.importance(an, "l2" if importance == "l2" else "l1")
+        select = None
+        if importance == "recon":
+            from onnxslim.refit import ReconSelector
+
+            select = ReconSelector(an, model, calib, imp, batch=calib.batch_size, progress=ctx.progress)
+        report: dict[str, Any] = {"importance": importance, "round_to": s["round_to"],
                                   "min_channels": s["min_channels"], "refit": refit}
         if target is not None:
             kind, frac = parse_target(target)
@@ -88,7 +98,7 @@ class Prune(Pass):
                 raise InputError("prune: --prune-target needs calibration data for its sensitivity analysis (--calib)")
             ctx.progress("prune: sensitivity analysis")
             sens = measure(model, calib, an=an, imp=imp, round_to=s["round_to"], min_channels=s["min_channels"],
-                           refit=refit, progress=ctx.progress)
+                           refit=refit, select=select, importance=importance, progress=ctx.progress)
             ratios, reached = allocate(sens, an, imp, kind, frac, round_to=s["round_to"],
                                        min_channels=s["min_channels"])
             report["target"] = {"kind": kind, "fraction": frac, "reached": reached}
@@ -98,7 +108,7 @@ class Prune(Pass):
         else:
             ratios = {g.id: float(ratio) for g in an.groups if g.prunable}
         report["ratios"] = ratios
-        keep = ch.plan(an, ratios, imp, round_to=s["round_to"], min_channels=s["min_channels"])
+        keep = ch.plan(an, ratios, imp, round_to=s["round_to"], min_channels=s["min_channels"], select=select)
         before, after = ch.cost(an), ch.cost(an, keep)
         report["groups"] = ch.group_table(an, keep)
         report["params"] = {"before": before.params, "after": after.params}
@@ -126,10 +136,12 @@ class Prune(Pass):
         removed = int((~keep).sum())
         report["summary"] = _summary(report)
         ctx.report_extra["prune"] = report
-        stats = {"channels_removed": removed, "groups_pruned": sum(1 for r in report["groups"] if r["kept"] < r["channels"]),
+        stats = {"channels_removed": removed,
+                 "groups_pruned": sum(1 for r in report["groups"] if r["kept"] < r["channels"]),
                  "groups_skipped": sum(1 for r in report["groups"] if r["skipped"])}
         return PassResult(True, stats=stats, model=out, details=report,
-                          notes=[f"params {before.params:,} -> {after.params:,}, MACs {before.macs:,} -> {after.macs:,}"])
+                          notes=[f"params {before.params:,} -> {after.params:,}, "
+                                 f"MACs {before.macs:,} -> {after.macs:,}"])
 
 
 def _pct(b: float, a: float) -> str:
@@ -138,13 +150,14 @@ def _pct(b: float, a: float) -> str:
 
 def _summary(r: dict[str, Any]) -> list[str]:
     """The report's text lines: totals, then one line per group."""
-    lines = ["prune: " + ", ".join(f"{k} {r[k]['before']:,} -> {r[k]['after']:,} ({_pct(r[k]['before'], r[k]['after'])})"
-                                   for k in ("params", "macs") if k in r)]
+    lines = ["prune: " + ", ".join(f"{k} {r[k]['before']:,} -> {r[k]['after']:,} "
+                                   f"({_pct(r[k]['before'], r[k]['after'])})" for k in ("params", "macs") if k in r)]
     if "size" in r:
         lines.append(f"prune: size {r['size']['before']:,} -> {r['size']['after']:,} bytes")
     for key, val in (r.get("latency") or {}).items():
         if isinstance(val, dict) and "before_ms" in val:
-            lines.append(f"prune: latency {key} {val['before_ms']:.3f} -> {val['after_ms']:.3f} ms ({val['ratio']:.2f}x)")
+            lines.append(f"prune: latency {key} {val['before_ms']:.3f} -> {val['after_ms']:.3f} ms "
+                         f"({val['ratio']:.2f}x)")
     if r.get("refit_layers"):
         done = [f for f in r["refit_layers"] if not f.get("skipped")]
         if done:

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 
@@ -26,7 +25,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_sensitivity_cli_json(tmp_path: Path) -> None:
     out = tmp_path / "s.json"
-    p = _cli(str(MODELS / "digits_mlp.onnx"), "--calib", CALIB, "--json", str(out))
+    p = _cli(str(MODELS / "digits_mlp.onnx"), "--calib", CALIB, "--calib-size", "128", "--json", str(out))
     assert p.returncode == 0, p.stderr
     assert "r=0.7" in p.stdout and "left whole" in p.stdout and "reaches graph output" in p.stdout
     res = json.loads(out.read_text())
@@ -43,7 +42,8 @@ def test_sensitivity_cli_json(tmp_path: Path) -> None:
 
 def test_sensitivity_drift_grows_without_refit(tmp_path: Path) -> None:
     out = tmp_path / "s.json"
-    p = _cli(str(MODELS / "digits_cnn.onnx"), "--calib", CALIB, "--no-refit", "--ratios", "0.2,0.7", "--round-to", "8",
+    p = _cli(str(MODELS / "digits_cnn.onnx"), "--calib", CALIB, "--calib-size", "128", "--no-refit",
+             "--ratios", "0.2,0.7", "--round-to", "8",
              "--json", str(out))
     assert p.returncode == 0, p.stderr
     for g in json.loads(out.read_text())["groups"]:

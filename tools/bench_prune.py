@@ -167,7 +167,8 @@ def table_latency(round_tos: list[int], rounds: int) -> str:
         shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
         res = {}
         for b, runs in ((1, 30), (64, 5)):
-            x = {model.graph.input[0].name: np.random.default_rng(0).standard_normal([b] + shape[1:]).astype(np.float32)}
+            rng = np.random.default_rng(0)
+            x = {model.graph.input[0].name: rng.standard_normal([b] + shape[1:]).astype(np.float32)}
             res[b] = timed({k: v[0] for k, v in variants.items()}, x, rounds, runs)
         b1, b64 = res[1]["original (lossless)"], res[64]["original (lossless)"]
         for k, (_, counts, params) in variants.items():
