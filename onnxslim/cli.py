@@ -63,8 +63,10 @@ GATE_OPTIONS = [
 ]
 PRUNE_OPTIONS = [
     click.option("--prune-ratio", type=click.FloatRange(0.0, 0.95), help="Fraction of channels removed per group."),
-    click.option("--prune-importance", type=click.Choice(["l1", "l2", "recon"]), help="Channel ranking: weight norm l1/l2, or recon (what the refit can rebuild; default with --calib, else l1)."),
-    click.option("--round-to", type=click.IntRange(min=1), help="Keep channel counts multiples of N."),
+    click.option("--prune-importance", type=click.Choice(["l1", "l2", "recon"]),
+                 help="Channel ranking: weight norm l1/l2, or recon (what the refit can rebuild; default with --calib)."),
+    click.option("--round-to", type=click.IntRange(min=1),
+                 help="Keep channel counts multiples of N (default: onnxruntime's conv block, 16 with AVX-512, else 8)."),
     click.option("--prune-min-channels", type=click.IntRange(min=1), help="Minimum channels kept per layer."),
     click.option("--prune-target", type=str, help="Global target instead of a ratio: params=0.5 or macs=0.5."),
     click.option("--prune-refit/--no-prune-refit", default=None, help="Least-squares refit of consumers on --calib (default on with --calib)."),
@@ -216,8 +218,9 @@ def validate_cmd(original: str, optimized: str, inputs: str | None, input_shape:
 @click.option("--calib-size", type=click.IntRange(min=1), help="Use at most N calibration samples.")
 @click.option("--calib-batch", type=click.IntRange(min=1), help="Batch size for running the model.")
 @click.option("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7", show_default=True, help="Ratios to try per group.")
-@click.option("--prune-importance", type=click.Choice(["l1", "l2", "recon"]), help="Channel ranking: weight norm l1/l2, or recon (what the refit can rebuild; default with --calib, else l1).")
-@click.option("--round-to", type=click.IntRange(min=1), help="Keep channel counts multiples of N (default 8).")
+@click.option("--prune-importance", type=click.Choice(["l1", "l2", "recon"]),
+              help="Channel ranking: weight norm l1/l2, or recon (default with --refit).")
+@click.option("--round-to", type=click.IntRange(min=1), help="Keep channel counts multiples of N (default as in optimize).")
 @click.option("--prune-min-channels", type=click.IntRange(min=1), help="Minimum channels kept per layer.")
 @click.option("--refit/--no-refit", default=True, show_default=True,
               help="Refit each group's readers before measuring (what the prune pass does).")

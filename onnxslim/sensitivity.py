@@ -52,7 +52,7 @@ def measure(model: ModelProto, calib: CalibrationData, *, an: ch.Analysis | None
     if an is None:
         an = ch.analyze(ch.traced_graph(model))
     if imp is None:
-        imp = ch.importance(an, importance)
+        imp = ch.importance(an, "l2" if importance == "l2" else "l1")
     batch = batch or calib.batch_size  # the model's fixed batch when it has one
     n = min(calib.size, max_samples)
     data = calib.subset(n - n % batch if n > batch else n)
@@ -152,10 +152,18 @@ def run_sensitivity(model_path: str, calib_spec: str, options: dict[str, Any] | 
     options = dict(options or {})
     m = load_model(model_path)
     calib = load_calibration(calib_spec, m.proto, size=options.get("calib_size"), options=options)
-    res = measure(m.proto, calib, ratios=ratios, importance=options.get("prune_importance") or "l1",
+    refit = bool(options.get("refit", True))
+    importance = options.get("prune_importance") or ("recon" if refit else "l1")
+    an = ch.analyze(ch.traced_graph(m.proto))
+    imp = ch.importance(an, "l2" if importance == "l2" else "l1")
+    select = None
+    if importance == "recon":  # the same channel choice as the prune pass makes
+        from onnxslim.refit import ReconSelector
+
+        select = ReconSelector(an, m.proto, calib, imp, batch=calib.batch_size, progress=progress)
+    res = measure(m.proto, calib, an=an, imp=imp, ratios=ratios, importance=importance,
                   round_to=int(options.get("round_to") or ch.DEFAULT_ROUND_TO),
-                  min_channels=int(options.get("prune_min_channels") or 1),
-                  refit=bool(options.get("refit", True)),
+                  min_channels=int(options.get("prune_min_channels") or 1), refit=refit, select=select,
                   progress=progress)
     res["model"] = str(model_path)
     res["calibration"] = calib.source
