@@ -316,3 +316,21 @@ def test_recon_selection_beats_weight_norm(ratio: float) -> None:
         acc[imp] = _acc(out, x, labels)
     assert err["recon"] < 0.8 * err["l1"], err
     assert acc["recon"] >= acc["l1"] - 0.5, acc
+
+
+def test_zero_channel_oracle_opset11_split_attribute() -> None:
+    """Opset 11 keeps Split sizes in an attribute: the rewrite must update it too."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("msm", ROOT / "tools" / "make_structure_models.py")
+    msm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(msm)
+    zeroed, _, dead_keep = zero_units(msm.detector(opset=11), 0.25)
+    x = feeds(zeroed)
+    ref = run(zeroed, x)
+    pruned, rep = prune(zeroed, prune_ratio=0.25)
+    onnx.checker.check_model(pruned, full_check=True)
+    for a, b in zip(ref, run(pruned, x)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    sizes = [list(a.ints) for n in pruned.graph.node if n.op_type == "Split" for a in n.attribute if a.name == "split"]
+    assert sizes and sum(sizes[0]) < 64

@@ -109,7 +109,7 @@ def table_target(d: Digits, round_tos: list[int]) -> str:
             pt = rep["params"]["after"]
             rat = ", ".join(f"{v:g}" for v in rep["ratios"].values())
             rows.append([name, str(rt), "**target params=0.5**", rat, f"{pt:,}", f"{d.acc(out):.2f}",
-                         f"{d.cos(out, ref):.4f}"])
+                         f"{d.cos(out, ref):.5f}"])
             # Neighbours by parameter count, found on the cost model (no pruning needed), then pruned for real.
             clean, _ = optimize(model, None, passes="lossless", validate=False, latency=False)
             an = ch.analyze(ch.traced_graph(clean))
@@ -127,7 +127,7 @@ def table_target(d: Digits, round_tos: list[int]) -> str:
             for tag, item in (("uniform, ≥ params", above), ("uniform, < params", below)):
                 if item is not None:
                     r, o2, n = item
-                    rows.append([name, str(rt), tag, f"{r:.2f}", f"{n:,}", f"{d.acc(o2):.2f}", f"{d.cos(o2, ref):.4f}"])
+                    rows.append([name, str(rt), tag, f"{r:.2f}", f"{n:,}", f"{d.acc(o2):.2f}", f"{d.cos(o2, ref):.5f}"])
     return md(rows)
 
 

@@ -218,12 +218,19 @@ def transformer(d: int = 64, heads: int = 4, ffn: int = 256, seq: int = 16) -> o
     return b.model([("input", ["N", seq, d])], [("output", ["N", seq, d])], opset=17)
 
 
-def detector(classes: int = 4, anchors: int = 3) -> onnx.ModelProto:
+def detector(classes: int = 4, anchors: int = 3, opset: int = 13) -> onnx.ModelProto:
+    """``opset`` < 13 writes Split sizes as an attribute (the pruning tests rewrite both forms)."""
     b = Builder("struct_detector")
+
+    def split(x: str, sizes: list[int]) -> list[str]:
+        if opset < 13:
+            return b.op("Split", [x], n_out=len(sizes), axis=1, split=sizes)
+        return b.op("Split", [x, b.const("split", np.array(sizes, np.int64))], n_out=len(sizes), axis=1)
+
     x = b.cbr("input", 3, 32, 3, 2)            # 16x16
     x = b.cbr(x, 32, 64, 3, 2)                 # 8x8
     # CSP-like block: Split into halves, transform one, Concat back
-    p1, p2 = b.op("Split", [x, b.const("split", np.array([32, 32], np.int64))], n_out=2, axis=1)
+    p1, p2 = split(x, [32, 32])
     p2 = b.cbr(b.cbr(p2, 32, 32, 3), 32, 32, 3)
     x = b.cbr(b.op("Concat", [p1, p2], axis=1), 64, 64, 1)
     # second CSP block using Slice instead of Split
@@ -236,8 +243,7 @@ def detector(classes: int = 4, anchors: int = 3) -> onnx.ModelProto:
     # detection head: per anchor 4 box + 1 objectness + classes
     per = 5 + classes
     head = b.conv(b.cbr(x, 64, 64, 3), 64, anchors * per, 1, bias=True)
-    box, obj, cls = b.op("Split", [head, b.const("split", np.array([4 * anchors, anchors, classes * anchors], np.int64))],
-                         n_out=3, axis=1)
+    box, obj, cls = split(head, [4 * anchors, anchors, classes * anchors])
     det = b.op("Concat", [box, b.op("Sigmoid", [obj]), b.op("Sigmoid", [cls])], axis=1)
     b.rename_output(det, "detections")
     # side classifier: Flatten keeps spatial positions, so each channel owns a block of 16 features
@@ -245,7 +251,8 @@ def detector(classes: int = 4, anchors: int = 3) -> onnx.ModelProto:
     c = b.op("Flatten", [c], axis=1)
     c = b.op("Gemm", [c, b.const("fc_w", b.dense_weight(32 * 16, 10)), b.const("fc_b", np.zeros(10, np.float32))])
     b.rename_output(c, "scores")
-    return b.model([("input", ["N", 3, 32, 32])], [("detections", ["N", anchors * per, 8, 8]), ("scores", ["N", 10])])
+    return b.model([("input", ["N", 3, 32, 32])], [("detections", ["N", anchors * per, 8, 8]), ("scores", ["N", 10])],
+                   opset=opset)
 
 
 def ops() -> onnx.ModelProto:
