@@ -171,7 +171,7 @@ def ort_offline_cmd(level: str):
     return cmd
 
 
-def tools_available() -> dict:
+def tools_available(skip: tuple[str, ...] = ()) -> dict:
     tools = {"floor": floor_cmd,
              "onnxslim --no-validate": lambda m, o, c: onnxslim_cmd(m, o, c, validate=False),
              "onnxslim": onnxslim_cmd}
@@ -179,12 +179,12 @@ def tools_available() -> dict:
         tools["onnxsim"] = onnxsim_cmd
     tools["ort-basic"] = ort_offline_cmd("ORT_ENABLE_BASIC")
     tools["ort-extended"] = ort_offline_cmd("ORT_ENABLE_EXTENDED")
-    return tools
+    return {k: v for k, v in tools.items() if k == "floor" or k not in skip}
 
 
 def time_tools(model: Path, work: Path, ctx: dict, rounds: int) -> dict[str, tuple[Run, Path]]:
     """Every tool on the model, interleaved over rounds; best time, worst memory, first failure kept."""
-    tools = tools_available()
+    tools = tools_available(ctx.get("skip", ()))
     runs: dict[str, list[Run]] = {t: [] for t in tools}
     outs = {}
     for _ in range(rounds):
@@ -300,9 +300,10 @@ def model_context(model: Path, work: Path, big: bool) -> dict:
 
 
 def bench_model(model: Path, work: Path, *, rounds: int, big: bool = False, lat_seconds: float = 1.0,
-                do_latency: bool = True) -> list[Result]:
+                do_latency: bool = True, skip: tuple[str, ...] = ()) -> list[Result]:
     work.mkdir(parents=True, exist_ok=True)
     ctx = model_context(model, work, big)
+    ctx["skip"] = skip
     timed = time_tools(model, work, ctx, rounds)
     floor_run, _ = timed["floor"]
     try:
@@ -449,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big-mb", type=int, help="only a generated model of about this many MB (external data)")
     ap.add_argument("--rounds", type=int, help="interleaved timing rounds (default 3; 2 with --big-mb)")
     ap.add_argument("--filter", default="", help="only models whose name contains this")
+    ap.add_argument("--skip", action="append", default=[], help="leave out a tool (onnxsim, ort-basic, ...); repeatable")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--latency-seconds", type=float, default=2.0, help="time budget of each paired latency")
     ap.add_argument("--json", type=Path, help="write every number here")
@@ -470,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         for m in models:
             t0 = time.perf_counter()
             rs = bench_model(m, work / m.stem, rounds=args.rounds or (2 if big else 3), big=big,
-                             lat_seconds=args.latency_seconds, do_latency=not (args.no_latency or big))
+                             lat_seconds=args.latency_seconds, do_latency=not (args.no_latency or big),
+                             skip=tuple(args.skip))
             results += rs
             print(f"{m.name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     finally:
