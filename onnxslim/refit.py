@@ -30,6 +30,7 @@ from onnxslim.graph import const_value, to_proto
 
 DEFAULT_RIDGE = 1e-2
 DEFAULT_MAX_ROWS = 40000
+MAX_DENSE_FEATURES = 1536  # a dense selection state of 1536 features is 18 MB per reader
 ROWS_PER_FEATURE = 16  # rows sampled per input feature: enough for a well-posed fit, cheap to accumulate
 
 
@@ -318,6 +319,10 @@ class ReconSelector:
     Brain Surgeon). Units are removed greedily, cheapest first, summing that increase over the group's
     readers (each relative to its output energy); after each removal P and beta are downdated, so a
     channel that others can stand in for goes before one that carries something unique.
+
+    Memory: a reader with more than MAX_DENSE_FEATURES input features (P would take d^2 doubles) is
+    scored without the downdate: each unit costs the energy of its own contribution ||X_F W_F||^2,
+    accumulated per batch (ThiNet's criterion without the refit term).
     """
 
     def __init__(self, an: Analysis, model: ModelProto, calib: CalibrationData, imp: np.ndarray, *,
@@ -347,7 +352,12 @@ class ReconSelector:
             if (pos_code < 0).all():
                 continue
             feat = np.concatenate([np.repeat(pos_code, per), [-1]])  # the bias column is never removed
-            layers.append((c, _Layer(node, None), feat))
+            la = _Layer(node, None)
+            if la.features > MAX_DENSE_FEATURES:
+                la.yy = 0.0
+                la.A = {int(v): 0.0 for v in np.unique(feat[feat >= 0])}  # per-unit energy, no d x d state
+                la.B = _current(la)[0]
+            layers.append((c, la, feat))
         if not layers:
             return
         progress("prune: channel selection statistics")
@@ -368,12 +378,24 @@ class ReconSelector:
                     if len(xr) > rows:
                         pick = rng.choice(len(xr), rows, replace=False)
                         xr, yr = xr[pick], yr[pick]
+                la.yy += float(np.square(yr, dtype=np.float64).sum())
+                if isinstance(la.A, dict):
+                    w = la.B.astype(np.float32)
+                    for code_u in la.A:
+                        f = np.flatnonzero(feat[:-1] == code_u)
+                        la.A[code_u] += float(np.square(xr[:, f] @ w[f], dtype=np.float64).sum())
+                    continue
                 xr = np.concatenate([xr, np.ones((len(xr), 1), np.float32)], axis=1)
                 a, b = (xr.T @ xr).astype(np.float64), (xr.T @ yr).astype(np.float64)
                 la.A = a if la.A is None else la.A + a
                 la.B = b if la.B is None else la.B + b
-                la.yy += float(np.square(yr, dtype=np.float64).sum())
         for c, la, feat in layers:
+            groups = {int(v >> 32) for v in feat if v >= 0}
+            if isinstance(la.A, dict):
+                scale = 1.0 / max(la.yy, 1e-30)
+                self.readers.append({"cost": {k: v * scale for k, v in la.A.items()}, "groups": groups})
+                la.A = la.B = None
+                continue
             d = la.A.shape[0] - 1
             reg = np.zeros(d + 1)
             reg[:d] = ridge * max(float(np.trace(la.A[:d, :d])) / max(d, 1), 1e-12)
@@ -382,12 +404,13 @@ class ReconSelector:
             except np.linalg.LinAlgError:
                 p = np.linalg.pinv(la.A + np.diag(reg))
             self.readers.append({"P": p, "beta": p @ la.B, "feat": feat, "scale": 1.0 / max(la.yy, 1e-30),
-                                 "groups": {int(v >> 32) for v in feat if v >= 0}})
+                                 "groups": groups})
             la.A = la.B = None
 
     def __call__(self, removals: dict[str, int]) -> list[tuple[str, int]]:
         chosen: list[tuple[str, int]] = []
-        state = [dict(r, P=r["P"].copy(), beta=r["beta"].copy(), feat=r["feat"].copy()) for r in self.readers]
+        state = [dict(r, P=r["P"].copy(), beta=r["beta"].copy(), feat=r["feat"].copy()) if "P" in r else r
+                 for r in self.readers]
         for gi, g in enumerate(self.an.groups):
             n = removals.get(g.id, 0)
             if not n:
@@ -402,6 +425,9 @@ class ReconSelector:
                 step = max(1, n // 16)
                 costs = np.zeros(len(left))
                 for r in mine:
+                    if "cost" in r:
+                        costs += [r["cost"].get((gi << 32) + u, 0.0) for u in left]
+                        continue
                     for k, u in enumerate(left):
                         f = np.flatnonzero(r["feat"] == (gi << 32) + u)
                         if len(f):
@@ -409,8 +435,9 @@ class ReconSelector:
                             costs[k] += r["scale"] * float(np.sum(bf * np.linalg.solve(r["P"][np.ix_(f, f)], bf)))
                 drop = [left[k] for k in np.argsort(costs, kind="stable")[:step]]
                 for r in mine:
-                    codes = [(gi << 32) + u for u in drop]
-                    _downdate(r, np.flatnonzero(np.isin(r["feat"], codes)))
+                    if "P" in r:
+                        codes = [(gi << 32) + u for u in drop]
+                        _downdate(r, np.flatnonzero(np.isin(r["feat"], codes)))
                 chosen += [(g.id, int(u)) for u in drop]
                 left = [u for u in left if u not in drop]
                 n -= len(drop)
