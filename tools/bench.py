@@ -1,13 +1,14 @@
 """Lossless benchmark: onnxslim against the onnx load+save floor, onnxsim and onnxruntime's offline optimizer.
 
     python tools/bench.py                       # every .onnx in models/
-    python tools/bench.py --real                # the PP-OCR det/rec/cls models of the rapidocr-onnxruntime wheel
+    python tools/bench.py --real                # also the PP-OCR det/rec/cls models of the rapidocr-onnxruntime wheel
+    python tools/bench.py --only-real           # only those
     python tools/bench.py --big-mb 300          # a generated ~300 MB model with external data
     python tools/bench.py DIR --json out.json   # any folder; --json writes every number
 
 Per model and tool, each command runs in its own child process, interleaved over --rounds rounds:
   time      wall time of the child (best round: load from other processes only ever adds)
-  peak MB   ru_maxrss of the child (os.wait4; worst round)
+  peak MB   ru_maxrss of the child, read by a small wrapper process (see run_child; worst round)
   nodes     all nodes, subgraph bodies included; size = .onnx file plus the external data it references
   latency   onnxruntime, 1 thread, batch 1: the original and the tool's output run alternately in this
             process (onnxslim.runtime.paired_latency), ratio = median of the run-by-run ratios
@@ -16,7 +17,7 @@ Per model and tool, each command runs in its own child process, interleaved over
 
 Tools: floor = onnx.load + onnx.save (external data kept when the model has it); onnxslim = the CLI
 (lossless preset) with validation and with --no-validate; onnxsim = its CLI with default options (when
-installed); ort-basic / ort-extended = onnxruntime SessionOptions.optimized_model_filepath at
+installed; they do not check outputs); ort-basic / ort-extended = onnxruntime SessionOptions.optimized_model_filepath at
 ORT_ENABLE_BASIC / ORT_ENABLE_EXTENDED (extended writes com.microsoft fused ops: onnxruntime-only models).
 """
 
@@ -42,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from onnxslim.runtime import _extensions_library, make_session, paired_latency  # noqa: E402
-from onnxslim.validate import NotValidatable, make_inputs, output_metrics, run_model  # noqa: E402
+from onnxslim.validate import make_inputs, output_metrics, run_model  # noqa: E402
 
 ATOL, RTOL = 1e-4, 1e-3
 CHILD_TIMEOUT = 1800
