@@ -1,8 +1,9 @@
 """fold: evaluate nodes whose inputs are all constants once and store their outputs as initializers.
 
-Also: Constant nodes become initializers, and Shape/Size of a tensor with a fully static shape become
-constants (so Shape->Gather->Concat->Reshape chains fold). Each node is evaluated on its own in onnxruntime (onnx's reference
-evaluator when onnxruntime has no kernel for it).
+Also: Constant nodes become initializers; Shape/Size of a tensor with a fully static shape, and
+Gather/Slice picking only static dims out of a partly symbolic Shape, become constants (so
+Shape->Gather->Concat->Reshape chains fold). Each node is evaluated on its own in onnxruntime
+(onnx's reference evaluator when onnxruntime has no kernel for it).
 
 Size limit: the output size is computed BEFORE evaluating (onnx shape inference on the one-node
 model, with the small inputs as initializers), so ConstantOfShape/Expand/Tile/Range bombs are never
