@@ -11,11 +11,9 @@ import importlib
 import pkgutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 from onnx import ModelProto
 

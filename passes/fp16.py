@@ -33,7 +33,7 @@ class Float16(Pass):
             out = convert_float_to_float16(copy.deepcopy(model), keep_io_types=bool(keep_io), op_block_list=block)
         prune_opsets(out)
         size_x = out.ByteSize() / max(1, model.ByteSize())
-        notes = [f"float16 with float32 inputs/outputs" if keep_io else "float16 inputs/outputs",
+        notes = ["float16 with float32 inputs/outputs" if keep_io else "float16 inputs/outputs",
                  f"file {size_x:.2f}x"]
         if extra:
             notes.append(f"kept in float32 (--fp16-block-ops): {', '.join(extra)}")
