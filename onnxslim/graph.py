@@ -215,6 +215,18 @@ def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
             stack.append(fn)
 
 
+def graph_and_bodies(graph: gs.Graph) -> list[gs.Graph]:
+    """The graph and its If/Loop/Scan bodies, parents first; not model-local function bodies."""
+    out, stack = [], [graph]
+    while stack:
+        g = stack.pop(0)
+        out.append(g)
+        for n in g.nodes:
+            for a in n.attrs.values():
+                stack.extend(x for x in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(x, gs.Graph))
+    return out
+
+
 def has_subgraph(node: gs.Node) -> bool:
     return any(isinstance(a, gs.Graph) or (isinstance(a, (list, tuple)) and any(isinstance(x, gs.Graph) for x in a))
                for a in node.attrs.values())

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxslim.graph import (NONDETERMINISTIC_OPS, StoredValues, has_subgraph, is_default_domain, is_graph_output,
-                            substitute)
+                            graph_and_bodies, substitute)
 from onnxslim.manager import Context, Pass, PassResult, register
 
 
@@ -124,17 +124,6 @@ def dedupe_constants(graphs: list[gs.Graph]) -> int:
     return merged
 
 
-def _graphs(graph: gs.Graph) -> list[gs.Graph]:
-    out, stack = [], [graph]
-    while stack:
-        g = stack.pop(0)
-        out.append(g)
-        for n in g.nodes:
-            for a in n.attrs.values():
-                stack.extend(x for x in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(x, gs.Graph))
-    return out
-
-
 def dedupe_nodes(g: gs.Graph) -> int:
     first: dict[tuple, gs.Node] = {}
     merged = 0
@@ -167,7 +156,7 @@ class CommonSubexpressionElimination(Pass):
     lossless = True
 
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
-        graphs = _graphs(graph)  # model-local function bodies are not touched
+        graphs = graph_and_bodies(graph)  # model-local function bodies are not touched
         consts = dedupe_constants(graphs)
         nodes = 0
         for g in graphs:

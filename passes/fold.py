@@ -28,7 +28,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from onnxslim.errors import InputError
 from onnxslim.graph import (NONDETERMINISTIC_OPS, const_value, has_subgraph, is_default_domain, is_tensor,
-                            placeholder, static_shape, toposort)
+                            graph_and_bodies, placeholder, static_shape, toposort)
 from onnxslim.manager import Context, Pass, PassResult, register
 
 DEFAULT_SIZE_LIMIT = 4 << 20
@@ -388,18 +388,6 @@ class _Folder:
             self.notes.append(f"{node.op} '{node.name or node.outputs[0].name}' left in place: {why}")
 
 
-def _graphs(graph: gs.Graph) -> list[gs.Graph]:
-    """The main graph and its If/Loop/Scan bodies, parents first; not model-local function bodies."""
-    out, stack = [], [graph]
-    while stack:
-        g = stack.pop(0)
-        out.append(g)
-        for n in g.nodes:
-            for a in n.attrs.values():
-                stack.extend(x for x in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(x, gs.Graph))
-    return out
-
-
 @register
 class ConstantFolding(Pass):
     name = "fold"
@@ -413,7 +401,7 @@ class ConstantFolding(Pass):
             toposort(graph)
         except Exception as e:  # noqa: BLE001 - a cycle: evaluation order is undefined, fold nothing
             return PassResult(changed=False, notes=[f"not folded: graph is not a DAG ({type(e).__name__})"])
-        graphs = _graphs(graph)
+        graphs = graph_and_bodies(graph)
         folder.protect_if_conditions(graphs)
         for g in graphs:
             folder.fold_graph(g)
