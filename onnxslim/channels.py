@@ -362,20 +362,7 @@ class _Tracer:
             self.freeze_inputs(node, f"{self.where(node)} has a non-constant bias")
             return
         if group == 1:
-            cons = None
-            if lx is not None:
-                if lx.axis != 1 or len(lx.ids) != cin:
-                    self.an.freeze(lx.ids, f"{self.where(node)} reads channels on another axis")
-                else:
-                    self.edit(i, 1, 1, lx.ids)
-                    cons = self.add_consumer(i, node, lx.ids, 1)
-            ids = self.add_source(i, node, cout, 1, 0)
-            self.edit(i, 1, 0, ids)
-            if has_b:
-                self.edit(i, 2, 0, ids)
-            if cons is not None:
-                cons.out_ids = ids
-            self.set(node.outputs[0], Layout(1, ids))
+            self.channel_layer(i, node, lx, cin, cout, w_in_axis=1, w_out_axis=0, has_b=has_b)
         elif group == cin == cout and w.shape[1] == 1:
             # Depthwise: channel c in, channel c out. It is pruned with its producer.
             if lx is None:
@@ -404,16 +391,20 @@ class _Tracer:
         if w is None or w.ndim < 3 or group != 1 or (has_b and const_value(node.inputs[2]) is None):
             self.freeze_inputs(node, f"{self.where(node)}: only group-1 ConvTranspose with constant weights is pruned")
             return
-        cin, cout = int(w.shape[0]), int(w.shape[1])
+        self.channel_layer(i, node, lx, int(w.shape[0]), int(w.shape[1]), w_in_axis=0, w_out_axis=1, has_b=has_b)
+
+    def channel_layer(self, i: int, node: gs.Node, lx, cin: int, cout: int, *, w_in_axis: int, w_out_axis: int,
+                      has_b: bool) -> None:
+        """A group-1 Conv/ConvTranspose: its input channels follow the producer, its output channels are a source."""
         cons = None
         if lx is not None:
             if lx.axis != 1 or len(lx.ids) != cin:
                 self.an.freeze(lx.ids, f"{self.where(node)} reads channels on another axis")
             else:
-                self.edit(i, 1, 0, lx.ids)
-                cons = self.add_consumer(i, node, lx.ids, 0)
-        ids = self.add_source(i, node, cout, 1, 1)
-        self.edit(i, 1, 1, ids)
+                self.edit(i, 1, w_in_axis, lx.ids)
+                cons = self.add_consumer(i, node, lx.ids, w_in_axis)
+        ids = self.add_source(i, node, cout, 1, w_out_axis)
+        self.edit(i, 1, w_out_axis, ids)
         if has_b:
             self.edit(i, 2, 0, ids)
         if cons is not None:
