@@ -293,21 +293,23 @@ def count_params(model: ModelProto) -> int:
     return total
 
 
+def iter_proto_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every NodeProto of a graph and of its subgraphs (If/Loop/Scan bodies), depth first."""
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.HasField("g"):
+                yield from iter_proto_nodes(a.g)
+            for sg in a.graphs:
+                yield from iter_proto_nodes(sg)
+
+
 def op_histogram(model: ModelProto) -> dict[str, int]:
     """Op type counts over the main graph and all subgraphs (custom domains prefixed)."""
     hist: dict[str, int] = {}
-
-    def walk(g: onnx.GraphProto) -> None:
-        for n in g.node:
-            key = n.op_type if n.domain in DEFAULT_DOMAINS else f"{n.domain}.{n.op_type}"
-            hist[key] = hist.get(key, 0) + 1
-            for a in n.attribute:
-                if a.HasField("g"):
-                    walk(a.g)
-                for sg in a.graphs:
-                    walk(sg)
-
-    walk(model.graph)
+    for n in iter_proto_nodes(model.graph):
+        key = n.op_type if n.domain in DEFAULT_DOMAINS else f"{n.domain}.{n.op_type}"
+        hist[key] = hist.get(key, 0) + 1
     return dict(sorted(hist.items()))
 
 

@@ -282,18 +282,9 @@ def preprocess(model: ModelProto) -> tuple[ModelProto, str]:
 def prune_opsets(model: ModelProto) -> None:
     """Drop opset imports no node uses. onnxruntime's optimizer (pre-processing) writes every domain it
     knows (ai.onnx.ml, training, contrib ...) into the model; they would end up in the output."""
-    used = {""}
+    from onnxslim.graph import iter_proto_nodes
 
-    def walk(g: onnx.GraphProto) -> None:
-        for n in g.node:
-            used.add(n.domain)
-            for a in n.attribute:
-                if a.HasField("g"):
-                    walk(a.g)
-                for sg in a.graphs:
-                    walk(sg)
-
-    walk(model.graph)
+    used = {""} | {n.domain for n in iter_proto_nodes(model.graph)}
     for f in model.functions:
         used.add(f.domain)
         used.update(n.domain for n in f.node)
