@@ -18,16 +18,15 @@ import onnx
 from onnx import ModelProto
 
 from onnxslim.errors import GateError, InputError, PassError
-from onnxslim.manager import Context, PassManager, load_passes, parse_pipeline
+from onnxslim.manager import PRESETS, Context, PassManager, load_passes, parse_pipeline, resolve_options
 from onnxslim import weights
 from onnxslim.model import (PROTO_LIMIT, Model, StagedModel, check_model, check_output_path, load_model,
                             session_source, stage_model)
 from onnxslim.report import Report, model_summary
-from onnxslim.validate import (DEFAULT_ATOL, DEFAULT_MAX_ACC_DROP, DEFAULT_MIN_COSINE, DEFAULT_RTOL,
-                               NotValidatable, ValidationResult, compare_models, load_inputs, make_inputs,
-                               static_batch)
-
-LATENCY_BATCHES = (1, 64)
+from onnxslim.options import DEFAULT_MAX_ACC_DROP, DEFAULT_MIN_COSINE
+from onnxslim.runtime import latency_table
+from onnxslim.validate import (DEFAULT_ATOL, DEFAULT_RTOL, NotValidatable, ValidationResult, compare_models,
+                               latency_feeds, load_inputs, make_inputs, score_outputs, static_batch)
 
 
 def checked_custom_op_library(path: str | os.PathLike | None) -> str | None:
@@ -78,7 +77,10 @@ def _validation_data(m: Model, ctx: Context, inputs: str | os.PathLike | dict | 
     if inputs is not None:
         feeds, labels = load_inputs(inputs, m.proto)
         return feeds, labels, str(inputs)
-    if lossy and ctx.options.get("calib"):
+    if lossy and ctx.run.calib:
+        held = ctx.holdout(m.proto)
+        if held is not None:  # data no pass fitted: the gate sees what a refit or a search overfitted
+            return held.inputs, held.labels, f"calibration data {held.source}"
         calib = ctx.calibration(m.proto)
         if calib is not None and calib.measured:
             return calib.inputs, calib.labels, f"calibration data {calib.source}"
@@ -90,7 +92,7 @@ def _validation_data(m: Model, ctx: Context, inputs: str | os.PathLike | dict | 
 
 def _compare(original: Model, optimized: ModelProto | Path, feeds: dict[str, np.ndarray], labels, *,
              lossy: bool, atol: float, rtol: float, min_cosine: float, max_acc_drop: float,
-             custom_op_library: str | None) -> ValidationResult:
+             custom_op_library: str | None, min_top1: float | None = None) -> ValidationResult:
     # The original runs from its file when it has one: its proto may hold stubs (weights left on disk).
     orig_src: ModelProto | Path = original.path if original.path is not None else original.proto
     too_big = _oversized_tensor(original.proto)
@@ -104,7 +106,8 @@ def _compare(original: Model, optimized: ModelProto | Path, feeds: dict[str, np.
         chunk = None
     return compare_models(orig_src, optimized, feeds, atol=atol, rtol=rtol, labels=labels, lossy=lossy,
                           min_cosine=min_cosine, max_acc_drop=max_acc_drop, chunk=chunk,
-                          custom_op_library=custom_op_library)
+                          custom_op_library=custom_op_library, min_top1=min_top1,
+                          score_outputs=score_outputs(original.proto))
 
 
 # A tensor the model itself would compute at this size (e.g. ConstantOfShape to billions of elements)
@@ -141,29 +144,14 @@ def _oversized_tensor(model: ModelProto) -> str | None:
     return reason
 
 
-def measure_latency(original: ModelProto, optimized: ModelProto, input_shapes: dict[str, list[int]],
-                    batches: tuple[int, ...] = LATENCY_BATCHES,
-                    sources: tuple[ModelProto | Path, ModelProto | Path] | None = None) -> dict[str, Any]:
-    """Median one-thread latency of both models at each batch size, interleaved in one process.
-
-    ``sources``: what onnxruntime loads (e.g. files) when the protos hold stubs."""
-    from onnxslim.runtime import make_session, paired_latency
-
-    out: dict[str, Any] = {}
-    fixed = static_batch(original)
-    for b in batches:
-        if fixed is not None and b != fixed:
-            continue
-        try:
-            feeds = make_inputs(original, input_shapes, batch=b, seed=1)
-            a, c = (make_session(m, threads=1) for m in (sources or (original, optimized)))
-            # ratio: median of run-by-run ratios (robust to load from other processes), not a ratio of medians
-            before, after, ratio = paired_latency(a, c, feeds)
-        except Exception as e:  # noqa: BLE001 - latency is information, never a reason to fail
-            out[f"batch{b}"] = {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}
-            continue
-        out[f"batch{b}"] = {"before_ms": before, "after_ms": after, "ratio": ratio}
-    return out
+def with_lossless_first(names: list[str]) -> tuple[list[str], bool]:
+    """The pipeline with the lossless preset in front of its first lossy pass, unless lossless passes
+    already run before it: lossy passes are designed for (and much faster on) the cleaned graph."""
+    registry = load_passes()
+    first_lossy = next((i for i, n in enumerate(names) if not registry[n].lossless), None)
+    if first_lossy is None or any(registry[n].lossless for n in names[:first_lossy]):
+        return names, False
+    return PRESETS["lossless"] + names, True
 
 
 def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | None = None, *,
@@ -178,13 +166,15 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
              options: dict[str, Any] | None = None,
              custom_op_library: str | None = None,
              progress: Callable[[str], None] | None = None,
-             keep_model: bool = True) -> tuple[ModelProto | None, Report]:
+             keep_model: bool = True, auto_lossless: bool = True) -> tuple[ModelProto | None, Report]:
     """Run a pipeline over a model, validate the result, and (if ``output``) write it atomically.
 
     Returns the optimized ModelProto and the Report. Raises InputError for bad input, GateError when
     the result misses its gate (nothing is written unless ``force``), PassError when a pass fails.
-    ``options`` carries pass settings by name (``prune_ratio``, ``calib``, ``quant_format`` ...).
+    ``options`` carries pass settings by name (``prune_ratio``, ``calib``, ``quant_format`` ...): each must
+    be declared by ``onnxslim.options.RunOptions`` or by a pass in the pipeline (else InputError).
     ``keep_model=False`` returns None instead of the model (the CLI: weights never need to be in memory).
+    ``auto_lossless``: run the lossless preset before the first lossy pass when nothing cleans the graph first.
     """
     t0 = time.perf_counter()
     _return_freed_memory()
@@ -196,23 +186,30 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
     elif out_path is not None:
         check_output_path(out_path)
     names = parse_pipeline(passes)
+    prepended = False
+    if auto_lossless:
+        names, prepended = with_lossless_first(names)
     registry = load_passes()
     lossy = any(not registry[n].lossless for n in names)
+    if min_cosine is not None:
+        options["min_cosine"] = min_cosine
+    if max_acc_drop is not None:
+        options["max_acc_drop"] = max_acc_drop
+    given = frozenset(k for k, v in options.items() if v is not None)
+    run_options, pass_options = resolve_options(names, options)  # every option checked before any work
     # Lossless pipelines leave large weights on disk (onnxslim.weights): graph passes read them lazily
     # and the save streams them, so memory stays near one copy of the model. Lossy passes may hand the
     # proto to tools that need every byte (onnxruntime.quantization), so they get it loaded.
     m = load_model(model, lazy=not lossy)
     if out_path is not None and m.data_files:
         check_output_path(out_path, m.path, m.data_paths())
-    if min_cosine is None:
-        min_cosine = DEFAULT_MIN_COSINE
-    if max_acc_drop is None:
-        max_acc_drop = DEFAULT_MAX_ACC_DROP
-    options.setdefault("custom_op_library", custom_op_library)
-    options.update(min_cosine=min_cosine, max_acc_drop=max_acc_drop)  # lossy passes gate their own search
-    ctx = Context(original=m, input_shapes=dict(input_shapes or {}), options=options,
-                  progress=progress or (lambda msg: None))
+    min_cosine, max_acc_drop = run_options.min_cosine, run_options.max_acc_drop
+    ctx = Context(original=m, input_shapes=dict(input_shapes or {}), run=run_options, given=given,
+                  custom_op_library=custom_op_library, progress=progress or (lambda msg: None))
     report = Report(input=str(m.path or "<ModelProto>"), output=str(out_path or ""), pipeline=names)
+    if prepended:
+        report.notes.append("ran the lossless preset before the first lossy pass (lossy passes need the cleaned "
+                            "graph; --no-auto-lossless turns this off)")
     report.before = model_summary(m.proto, m.file_size or None)
 
     feeds = labels = None
@@ -229,12 +226,13 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
     if lossy:
         report.stages.append(_stage_metrics(m, m.proto, "original", ctx, feeds, labels))
         on_stage = lambda proto, name: report.stages.append(_stage_metrics(m, proto, name, ctx, feeds, labels))  # noqa: E731
-    pm = PassManager(names, verify=verify, on_stage=on_stage)
+    pm = PassManager(names, options=pass_options, verify=verify, on_stage=on_stage)
     try:
         result = pm.run(m.proto, ctx)
     finally:
         report.passes = [r.to_dict() for r in pm.records]
-    report.extra.update(ctx.report_extra)
+        report.warnings.extend(pm.warnings)
+    report.extra.update(pm.sections())
     # Weights the passes read are mapped pages that still count as ours: drop them before onnxruntime
     # maps the same weights again for validation (they are re-read from the page cache if needed).
     weights.release_pages()
@@ -258,7 +256,7 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
             ctx.progress("validating")
             validation, source = _compare_any(m, candidate, feeds, labels, source, lossy=lossy, atol=atol,
                                               rtol=rtol, min_cosine=min_cosine, max_acc_drop=max_acc_drop,
-                                              custom_op_library=custom_op_library)
+                                              custom_op_library=custom_op_library, min_top1=run_options.min_top1)
             if validation is not None:
                 report.validation = validation.to_dict()
                 report.validation["inputs"] = source
@@ -274,8 +272,9 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
             report.warnings.append("validation disabled (--no-validate): outputs were not compared")
         if latency if latency is not None else lossy:
             ctx.progress("measuring latency")
-            report.latency = measure_latency(m.proto, result, ctx.input_shapes,
-                                             sources=(m.path or m.proto, candidate))
+            report.latency = latency_table(m.path or m.proto, candidate,
+                                           latency_feeds(m.proto, ctx.input_shapes, feeds),
+                                           custom_op_library=custom_op_library)
         report.warnings.extend(ctx.warnings)
         if validation is not None and not validation.passed:
             if not force:
@@ -344,20 +343,23 @@ def _compare_any(original: Model, candidate: ModelProto | Path, feeds: dict[str,
 def _stage_metrics(original: Model, proto: ModelProto, name: str, ctx: Context, feeds, labels) -> dict[str, Any]:
     """Size, parameters, cosine/accuracy vs the original and batch-1 latency after one lossy stage."""
     from onnxslim.graph import count_params
-    from onnxslim.runtime import latency_ms, make_session
 
     stage: dict[str, Any] = {"name": name, "size": proto.ByteSize(), "params": count_params(proto),
-                             "cosine": None, "accuracy": None, "latency_ms": None}
+                             "cosine": None, "accuracy": None, "latency": None}
     if proto.ByteSize() >= PROTO_LIMIT:
         return stage
     try:
         if feeds is not None:
             res = _compare(original, proto, feeds, labels, lossy=True, atol=0, rtol=0, min_cosine=0,
-                           max_acc_drop=100, custom_op_library=ctx.options.get("custom_op_library"))
+                           max_acc_drop=100, custom_op_library=ctx.custom_op_library, min_top1=0.0)
             stage["cosine"] = min((o.cosine for o in res.outputs), default=None)
             stage["accuracy"] = res.accuracy_after
-        one = make_inputs(proto, ctx.input_shapes, batch=1, seed=1)
-        stage["latency_ms"] = latency_ms(make_session(proto, threads=1), one, runs=20)
+        if name != "original" and ctx.run.latency is not False:
+            # batch 1 against the original, by the same function as the final latency table
+            table = latency_table(original.path or original.proto, proto,
+                                  latency_feeds(original.proto, ctx.input_shapes, feeds, batches=(1,)),
+                                  custom_op_library=ctx.custom_op_library, seconds=0.5)
+            stage["latency"] = next(iter(table.values()), None)
     except Exception as e:  # noqa: BLE001 - stage metrics inform; the final validation decides
         stage["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
     return stage

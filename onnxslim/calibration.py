@@ -31,6 +31,7 @@ import numpy as np
 from onnx import ModelProto
 
 from onnxslim.errors import InputError
+from onnxslim.options import RunOptions
 from onnxslim.validate import DEFAULT_DIM, NotValidatable, input_specs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -364,15 +365,15 @@ def decode_images(files: list[Path], height: int, width: int) -> np.ndarray:
 
 
 def read_image_folder(folder: Path, files: list[Path], model: ModelProto, size: int | None,
-                      options: dict[str, Any], input_shapes: dict[str, list[int]]) -> CalibrationData:
-    name, dtype, (c, h, w), layout = _image_geometry(model, input_shapes, options.get("calib_layout"), folder)
+                      options: RunOptions, input_shapes: dict[str, list[int]]) -> CalibrationData:
+    name, dtype, (c, h, w), layout = _image_geometry(model, input_shapes, options.calib_layout, folder)
     files = files[:size] if size else files
     labels = None
     parents = {f.parent for f in files}
     if folder not in parents and all(p.name.isdigit() for p in parents):
         labels = np.array([int(f.parent.name) for f in files], dtype=np.int64)
-    mean = _parse_floats(options.get("calib_mean"), "--mean")
-    std = _parse_floats(options.get("calib_std"), "--std")
+    mean = _parse_floats(options.calib_mean, "--mean")
+    std = _parse_floats(options.calib_std, "--std")
     if dtype == np.uint8 and (mean or std):
         raise InputError(f"--mean/--std: input '{name}' takes uint8 pixels; normalization does not apply")
     for vals, what in ((mean, "--mean"), (std, "--std")):
@@ -381,7 +382,7 @@ def read_image_folder(folder: Path, files: list[Path], model: ModelProto, size: 
     if std is not None and any(v == 0 for v in std):
         raise InputError("--std: values must be non-zero")
     bgr = decode_images(files, h, w)
-    pix = bgr[..., ::-1] if (options.get("calib_color") or "rgb") == "rgb" else bgr
+    pix = bgr[..., ::-1] if (options.calib_color or "rgb") == "rgb" else bgr
     if c == 1:
         rgb = bgr[..., ::-1]
         pix = (rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]  # ITU-R BT.601 luma
@@ -402,11 +403,11 @@ def read_image_folder(folder: Path, files: list[Path], model: ModelProto, size: 
 
 # ---------------------------------------------------------------------------------------------- random
 
-def read_random(model: ModelProto, size: int | None, options: dict[str, Any],
+def read_random(model: ModelProto, size: int | None, options: RunOptions,
                 input_shapes: dict[str, list[int]]) -> CalibrationData:
     from onnxslim.validate import resolve_shape
 
-    rng_text = options.get("calib_random_range") or "0,1"
+    rng_text = options.calib_random_range or "0,1"
     vals = _parse_floats(rng_text, "--random-range")
     if len(vals) != 2 or not vals[0] < vals[1]:
         raise InputError(f"--random-range '{rng_text}': expected LOW,HIGH with LOW < HIGH")
@@ -454,11 +455,11 @@ def _folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
     return images, arrays
 
 
-def _batch_size(options: dict[str, Any], model: ModelProto) -> int:
+def _batch_size(options: RunOptions, model: ModelProto) -> int:
     from onnxslim.validate import static_batch
 
     fixed = static_batch(model)
-    given = options.get("calib_batch")
+    given = options.calib_batch
     if fixed is not None:
         if given and given != fixed:
             raise InputError(f"--calib-batch {given}: the model's inputs have a fixed batch size of {fixed}")
@@ -467,12 +468,14 @@ def _batch_size(options: dict[str, Any], model: ModelProto) -> int:
 
 
 def load_calibration(spec: str | Path, model: ModelProto, *, size: int | None = None,
-                     options: dict[str, Any] | None = None,
+                     settings: RunOptions | None = None,
                      input_shapes: dict[str, list[int]] | None = None) -> CalibrationData:
-    """Dispatch on the spec: .npz/.npy file, folder of arrays or images, or 'random'."""
-    options = options or {}
+    """Dispatch on the spec: .npz/.npy file, folder of arrays or images, or 'random'.
+
+    ``settings``: the run's options (image geometry, random range, batch and sample counts)."""
+    options = settings or RunOptions()
     input_shapes = input_shapes or {}
-    size = size or options.get("calib_size")
+    size = size or options.calib_size
     if str(spec) == "random":
         data = read_random(model, size, options, input_shapes)
     else:
@@ -510,6 +513,31 @@ def load_calibration(spec: str | Path, model: ModelProto, *, size: int | None = 
                              f"{data.batch_size} (the model's fixed batch size)")
         data = data.subset(keep)
     return data
+
+
+def split_holdout(data: CalibrationData, fraction: float,
+                  min_each: int = 8) -> tuple[CalibrationData, CalibrationData | None]:
+    """(fit part, held-out part): every k-th sample is held out so both parts cover the data set's order.
+
+    Random data has nothing to hold out (it measures nothing); a set too small to leave ``min_each``
+    samples on both sides is not split (the caller warns)."""
+    n = data.size
+    k = int(round(n * fraction))
+    if not data.measured or fraction <= 0 or k < min_each or n - k < min_each:
+        return data, None
+    step = n / k
+    held = np.unique((np.arange(k) * step + step / 2).astype(np.int64).clip(0, n - 1))
+    mask = np.zeros(n, dtype=bool)
+    mask[held] = True
+
+    def part(m: np.ndarray, what: str) -> CalibrationData:
+        return CalibrationData({name: v[m] for name, v in data.inputs.items()},
+                               None if data.labels is None else data.labels[m], f"{data.source} ({what})",
+                               data.measured, [], data.batch_size)
+
+    fit, hold = part(~mask, f"{int((~mask).sum())} fitted"), part(mask, f"{int(mask.sum())} held out")
+    fit.warnings = list(data.warnings)
+    return fit, hold
 
 
 def _fixed_batch(model: ModelProto) -> int | None:

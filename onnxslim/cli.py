@@ -6,6 +6,7 @@ exit 1 for a failed gate or pass; ``--debug`` shows the traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import traceback
@@ -32,57 +33,87 @@ def _parse_shape(values: tuple[str, ...]) -> dict[str, list[int]]:
     return shapes
 
 
-def _options(opts: list[Callable]) -> Callable:
-    def deco(f: Callable) -> Callable:
-        for o in reversed(opts):
-            f = o(f)
-        return f
-    return deco
+def check_report_path(path: str) -> None:
+    """A ``--json`` target that can be written, checked before any work (``-`` is standard output)."""
+    import os
+    from pathlib import Path
+
+    if path == "-":
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"--json '{path}' is a folder; give a file path (or - for standard output)")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"--json '{path}': folder '{parent}' does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"--json '{path}': folder '{parent}' is not writable")
 
 
-# Options of the lossy features, grouped so each feature's options read in one place.
-# Their values reach the passes as ctx.options[<python name>].
-CALIB_OPTIONS = [
-    click.option("--calib", type=str, help="Calibration data: FILE.npz (keys = input names, optional 'labels'), "
-                 "a folder of .npy/.npz or images, or 'random'."),
-    click.option("--calib-size", type=click.IntRange(min=1), help="Use at most N calibration samples."),
-    click.option("--calib-batch", type=click.IntRange(min=1), help="Calibration batch size."),
-    click.option("--mean", "calib_mean", type=str, help="Image calibration: per-channel mean, e.g. 0.485,0.456,0.406."),
-    click.option("--std", "calib_std", type=str, help="Image calibration: per-channel std."),
-    click.option("--layout", "calib_layout", type=click.Choice(["nchw", "nhwc"]), help="Image calibration layout."),
-    click.option("--color", "calib_color", type=click.Choice(["rgb", "bgr"]), help="Image calibration channel order."),
-    click.option("--random-range", "calib_random_range", type=str, help="'random' calibration: LOW,HIGH (default 0,1)."),
-]
-GATE_OPTIONS = [
-    click.option("--min-cosine", type=float, help="Lossy gate without labels: minimum mean cosine (default 0.99)."),
-    click.option("--max-acc-drop", type=float, help="Lossy gate with labels: maximum accuracy drop in points (default 1.0)."),
-    click.option("--min-top1", type=float, help="Lossy gate: minimum top-1 agreement with the original (0-1)."),
-    click.option("--min-speedup", type=float, help="Quantization gate: minimum speedup over the float model (geometric mean of batch 1 and 64; default 1.0)."),
-    click.option("--objective", type=click.Choice(["speed", "size"]), help="'size' turns the speed gate off."),
-    click.option("--latency/--no-latency", default=None, help="Measure latency before/after (default: on for lossy pipelines)."),
-]
-PRUNE_OPTIONS = [
-    click.option("--prune-ratio", type=click.FloatRange(0.0, 0.95), help="Fraction of channels removed per group."),
-    click.option("--prune-importance", type=click.Choice(["l1", "l2", "recon"]),
-                 help="Channel ranking: weight norm l1/l2, or recon (what the refit can rebuild; default with --calib)."),
-    click.option("--round-to", type=click.IntRange(min=1),
-                 help="Keep channel counts multiples of N (default: onnxruntime's conv block, 16 with AVX-512, else 8)."),
-    click.option("--prune-min-channels", type=click.IntRange(min=1), help="Minimum channels kept per layer."),
-    click.option("--prune-target", type=str, help="Global target instead of a ratio: params=0.5 or macs=0.5."),
-    click.option("--prune-refit/--no-prune-refit", default=None, help="Least-squares refit of consumers on --calib (default on with --calib)."),
-]
-QUANT_OPTIONS = [
-    click.option("--quant-format", type=click.Choice(["qdq", "qoperator"]), help="Static quantization format (default qdq)."),
-    click.option("--quant-method", type=click.Choice(["minmax", "entropy", "percentile"]), help="Calibration method (default minmax)."),
-    click.option("--per-channel/--no-per-channel", default=None, help="Per-channel weight quantization."),
-    click.option("--activation-type", type=click.Choice(["uint8", "int8"]), help="Activation type."),
-    click.option("--weight-type", type=click.Choice(["int8", "uint8"]), help="Weight type."),
-    click.option("--symmetric/--asymmetric", "quant_symmetric", default=None, help="Symmetric activations."),
-    click.option("--quant-op-types", type=str, help="Comma-separated op types to quantize."),
-    click.option("--quant-exclude", type=str, help="Comma-separated node names kept in float."),
-    click.option("--fp16-keep-io/--no-fp16-keep-io", default=None, help="fp16: keep float32 inputs/outputs (default on)."),
-    click.option("--fp16-block-ops", type=str, help="fp16: comma-separated op types kept in float32."),
-]
+def _click_option(f: dataclasses.Field, cls: type, section: str) -> click.Option:
+    """A click option for one options-dataclass field; click keeps None for "not given" so the
+    dataclass default (shown in the help) applies and the manager knows what the user set."""
+    from onnxslim import options as opts
+
+    flag = opts.cli_flag(f)
+    kind = opts.field_types(cls)[f.name]
+    bits = [f.metadata.get("help", "")]
+    if kind is bool and f.default is not None:
+        bits.append(f"[default: {'on' if f.default else 'off'}]")
+    elif f.default is not None:
+        bits.append(f"[default: {f.default}]")
+    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    if lo is not None or hi is not None:
+        bits.append(f"[range: {'' if lo is None else f'{lo:g}'}..{'' if hi is None else f'{hi:g}'}]")
+    help_text = " ".join(b for b in bits if b)
+    if kind is bool:
+        opt = click.Option([flag, f.name], default=None, help=help_text)
+    else:
+        choices = f.metadata.get("choices")
+        ptype = click.Choice(list(choices)) if choices else {int: click.INT, float: click.FLOAT}.get(kind, click.STRING)
+        metavar = None if choices else {int: "N", float: "X"}.get(kind, "PATH" if f.name == "calib" else "TEXT")
+        opt = click.Option([flag, f.name], type=ptype, default=None, help=help_text, metavar=metavar)
+    opt.section = section
+    return opt
+
+
+def declared_options() -> list[click.Option]:
+    """Click options generated from RunOptions and every registered pass's Options (one per field name)."""
+    from onnxslim.manager import load_passes, option_owners
+    from onnxslim.options import RunOptions, fields_of
+
+    out: list[click.Option] = []
+    for f in fields_of(RunOptions):
+        out.append(_click_option(f, RunOptions, "Calibration" if f.name.startswith("calib") else "Gates of lossy passes"))
+    owners = option_owners()
+    seen: set[str] = set()
+    for name, cls in sorted(load_passes().items()):
+        for f in fields_of(cls.Options) if cls.Options is not None else ():
+            if f.name not in seen:
+                seen.add(f.name)
+                out.append(_click_option(f, cls.Options, "Pass " + " / ".join(owners[f.name])))
+    return out
+
+
+def _with_declared_options(f: Callable) -> Callable:
+    for opt in reversed(declared_options()):
+        f.__click_params__ = getattr(f, "__click_params__", [])
+        f.__click_params__.append(opt)
+    return f
+
+
+class _SectionedCommand(click.Command):
+    """Help grouped by section (general, calibration, gates, one per pass), from the options' declarations."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {}
+        for p in self.get_params(ctx):
+            rec = p.get_help_record(ctx) if isinstance(p, click.Option) else None
+            if rec:
+                sections.setdefault(getattr(p, "section", "General options"), []).append(rec)
+        for name, rows in sections.items():
+            with formatter.section(name):
+                formatter.write_dl(rows)
 
 
 class _DefaultGroup(click.Group):
@@ -101,7 +132,9 @@ def cli() -> None:
     """onnxslim: optimize ONNX models (lossless cleanup, pruning, INT8) and prove the result in onnxruntime."""
 
 
-@cli.command("optimize")
+@cli.command("optimize", cls=_SectionedCommand,
+             epilog="Exit codes: 0 written; 1 the result missed its gate or a pass failed (nothing written); "
+                    "2 bad input (one line on stderr, nothing written).")
 @click.argument("input_path", metavar="IN", type=str)
 @click.argument("output_path", metavar="OUT", type=str)
 @click.option("--passes", default="lossless", show_default=True,
@@ -117,9 +150,9 @@ def cli() -> None:
 @click.option("--custom-op-library", type=str, help="Shared library of custom ops to register in onnxruntime.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-@click.option("--fold-size-limit", type=str,
-              help="Constant folding: largest tensor a fold may add, e.g. 4MB (default); folds that do not grow the model always run.")
-@_options(CALIB_OPTIONS + GATE_OPTIONS + PRUNE_OPTIONS + QUANT_OPTIONS)
+@click.option("--no-auto-lossless", is_flag=True,
+              help="Do not run the lossless preset before the first lossy pass when --passes starts lossy.")
+@_with_declared_options
 def optimize_cmd(input_path: str, output_path: str, passes: str, input_shape: tuple[str, ...], inputs: str | None,
                  atol: float, rtol: float, no_validate: bool, check_each_pass: bool, force: bool,
                  json_path: str | None, custom_op_library: str | None, quiet: bool, debug: bool,
@@ -128,32 +161,39 @@ def optimize_cmd(input_path: str, output_path: str, passes: str, input_shape: tu
     from onnxslim.api import optimize
     from onnxslim.report import Progress, format_report
 
+    if output_path == "-":
+        raise InputError("OUT '-': a model cannot be written to standard output; give a file path")
+    if json_path:
+        check_report_path(json_path)
+    to_stdout = json_path == "-"
+    echo = (lambda text: click.echo(text, err=True)) if to_stdout else click.echo  # stdout carries the JSON
     progress = Progress(enabled=not quiet)
+    auto_lossless = not options.pop("no_auto_lossless")
     latency = options.pop("latency")
-    min_cosine = options.pop("min_cosine")
-    max_acc_drop = options.pop("max_acc_drop")
     report = None
     try:
         _, report = optimize(
             input_path, output_path, passes=passes, input_shapes=_parse_shape(input_shape), inputs=inputs,
-            validate=not no_validate, atol=atol, rtol=rtol, min_cosine=min_cosine, max_acc_drop=max_acc_drop,
-            check_each_pass=check_each_pass, force=force, latency=latency,
-            options={k: v for k, v in options.items() if v is not None},
-            custom_op_library=custom_op_library, progress=progress, keep_model=False,
+            validate=not no_validate, atol=atol, rtol=rtol, check_each_pass=check_each_pass, force=force,
+            latency=latency, options={k: v for k, v in options.items() if v is not None},
+            custom_op_library=custom_op_library, progress=progress, keep_model=False, auto_lossless=auto_lossless,
         )
     except GateError as e:
         progress.done()
         report = e.report
         if report is not None and not quiet:
-            click.echo(format_report(report))
+            echo(format_report(report))
         raise
     finally:
         progress.done()
         if json_path and report is not None:
-            report.write_json(json_path)
+            if to_stdout:
+                click.echo(report.to_json())
+            else:
+                report.write_json(json_path)
     if not quiet:
-        click.echo(format_report(report))
-        click.echo(f"wrote {output_path}")
+        echo(format_report(report))
+        echo(f"wrote {output_path}")
 
 
 @cli.command("inspect")
@@ -199,15 +239,21 @@ def validate_cmd(original: str, optimized: str, inputs: str | None, input_shape:
                  custom_op_library: str | None, debug: bool) -> None:
     """Compare ORIGINAL and OPTIMIZED in onnxruntime on the same inputs (exit 1 if they differ)."""
     from onnxslim.api import validate_files
-    from onnxslim.report import Report, format_report
+    from onnxslim.report import Report, format_report, strict_json
 
+    if json_path:
+        check_report_path(json_path)
     res = validate_files(original, optimized, inputs=inputs, input_shapes=_parse_shape(input_shape), atol=atol,
                          rtol=rtol, lossy=lossy, min_cosine=min_cosine, max_acc_drop=max_acc_drop,
                          custom_op_library=custom_op_library)
     click.echo(format_report(Report(validation=res.to_dict()), totals=False))
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(res.to_dict(), f, indent=2)
+        text = json.dumps(strict_json(res.to_dict()), indent=2, allow_nan=False)
+        if json_path == "-":
+            click.echo(text)
+        else:
+            with open(json_path, "w") as f:
+                f.write(text)
     if not res.passed:
         raise GateError(f"models differ: {res.reason}")
 
@@ -217,6 +263,7 @@ def validate_cmd(original: str, optimized: str, inputs: str | None, input_shape:
 @click.option("--calib", required=True, type=str, help="Calibration data (FILE.npz with optional 'labels', folder, ...).")
 @click.option("--calib-size", type=click.IntRange(min=1), help="Use at most N calibration samples.")
 @click.option("--calib-batch", type=click.IntRange(min=1), help="Batch size for running the model.")
+@click.option("--input-shape", multiple=True, help="NAME:1,3,224,224 for dynamic inputs of image calibration.")
 @click.option("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7", show_default=True, help="Ratios to try per group.")
 @click.option("--prune-importance", type=click.Choice(["l1", "l2", "recon"]),
               help="Channel ranking: weight norm l1/l2, or recon (default with --refit).")
@@ -224,10 +271,18 @@ def validate_cmd(original: str, optimized: str, inputs: str | None, input_shape:
 @click.option("--prune-min-channels", type=click.IntRange(min=1), help="Minimum channels kept per layer.")
 @click.option("--refit/--no-refit", default=True, show_default=True,
               help="Refit each group's readers before measuring (what the prune pass does).")
+@click.option("--raw", is_flag=True, help="Analyse the model as given (default: after the lossless preset, as prune sees it).")
 @click.option("--json", "json_path", type=str, help="Write the table as JSON to this file.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def sensitivity_cmd(model: str, calib: str, ratios: str, json_path: str | None, debug: bool, **options: Any) -> None:
+def sensitivity_cmd(model: str, calib: str, calib_size: int | None, calib_batch: int | None,
+                    input_shape: tuple[str, ...], ratios: str, prune_importance: str | None, round_to: int | None,
+                    prune_min_channels: int | None, refit: bool, raw: bool, json_path: str | None,
+                    debug: bool) -> None:
     """Per prunable group: channels, share of params/MACs, output drift (and accuracy) at each ratio."""
+    from onnxslim.api import optimize
+    from onnxslim.model import load_model
+    from onnxslim.options import RunOptions
+    from onnxslim.passes.prune import PruneOptions
     from onnxslim.report import Progress
     from onnxslim.sensitivity import format_sensitivity, run_sensitivity, write_json
 
@@ -237,13 +292,29 @@ def sensitivity_cmd(model: str, calib: str, ratios: str, json_path: str | None, 
         rs = ()
     if not rs or not all(0.0 < r < 1.0 for r in rs):
         raise InputError(f"--ratios '{ratios}': expected comma-separated fractions between 0 and 1")
+    if json_path:
+        check_report_path(json_path)
+    settings = RunOptions(calib=calib, calib_size=calib_size, calib_batch=calib_batch)
+    defaults = PruneOptions()
+    shapes = _parse_shape(input_shape)
     progress = Progress()
     try:
-        res = run_sensitivity(model, calib, {k: v for k, v in options.items() if v is not None}, ratios=rs,
-                              progress=progress)
+        if raw:
+            proto = load_model(model).proto
+        else:  # the graph the prune pass works on: raw exports hide channel structure behind unfolded shapes
+            progress("lossless preset")
+            proto, _ = optimize(model, None, passes="lossless", validate=False, input_shapes=shapes)
+        res = run_sensitivity(proto, calib, settings=settings, importance=prune_importance,
+                              round_to=round_to or defaults.round_to,
+                              min_channels=prune_min_channels or defaults.prune_min_channels, refit=refit,
+                              ratios=rs, input_shapes=shapes, progress=progress)
     finally:
         progress.done()
+    res["model"] = model
+    res["lossless_first"] = not raw
     click.echo(format_sensitivity(res))
+    for w in res.get("warnings", []):
+        click.echo(f"warning: {w}", err=True)
     if json_path:
         write_json(res, json_path)
 

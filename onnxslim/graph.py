@@ -15,6 +15,7 @@ from onnx import ModelProto
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxslim import weights
+from onnxslim.protowalk import iter_nodes, iter_tensors, subgraphs
 
 # onnx-graphsurgeon logs warnings for things we handle ourselves (e.g. unknown shapes).
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
@@ -139,14 +140,6 @@ def _same_tensor(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
             and a.SerializeToString() == b.SerializeToString())
 
 
-def _subgraphs(g: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    for n in g.node:
-        for a in n.attribute:
-            if a.HasField("g"):
-                yield a.g
-            yield from a.graphs
-
-
 def _dedupe_subgraph_initializers(main: onnx.GraphProto) -> None:
     """graphsurgeon exports a constant read from an outer scope as an initializer of every subgraph
     that reads it (a weight used by both If branches is stored three times). Drop copies that an
@@ -165,7 +158,7 @@ def _dedupe_subgraph_initializers(main: onnx.GraphProto) -> None:
                 copies.setdefault(t.name, []).append((g, t))
         scope = dict(outer)
         scope.update((t.name, t) for t in g.initializer)
-        for sg in _subgraphs(g):
+        for sg in subgraphs(g):
             walk(sg, scope)
 
     walk(main, {})
@@ -282,8 +275,6 @@ def count_params(model: ModelProto) -> int:
     total = 0
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                    onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
-    from onnxslim.model import iter_tensors
-
     for t in iter_tensors(model):
         if t.data_type in float_types:
             n = 1
@@ -293,21 +284,13 @@ def count_params(model: ModelProto) -> int:
     return total
 
 
-def iter_proto_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    """Every NodeProto of a graph and of its subgraphs (If/Loop/Scan bodies), depth first."""
-    for n in graph.node:
-        yield n
-        for a in n.attribute:
-            if a.HasField("g"):
-                yield from iter_proto_nodes(a.g)
-            for sg in a.graphs:
-                yield from iter_proto_nodes(sg)
+iter_proto_nodes = iter_nodes  # the older name, kept for callers
 
 
 def op_histogram(model: ModelProto) -> dict[str, int]:
     """Op type counts over the main graph and all subgraphs (custom domains prefixed)."""
     hist: dict[str, int] = {}
-    for n in iter_proto_nodes(model.graph):
+    for n in iter_nodes(model.graph):
         key = n.op_type if n.domain in DEFAULT_DOMAINS else f"{n.domain}.{n.op_type}"
         hist[key] = hist.get(key, 0) + 1
     return dict(sorted(hist.items()))

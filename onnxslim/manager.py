@@ -17,9 +17,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import ModelProto
 
+from onnxslim import options as opts
 from onnxslim.errors import InputError, PassError, SlimError
-from onnxslim.graph import iter_graphs, to_gs, to_proto, toposort
+from onnxslim.graph import graph_and_bodies, to_gs, to_proto, toposort
 from onnxslim.model import Model
+from onnxslim.options import RunOptions
+from onnxslim.protowalk import model_stats
 
 # Presets expand to pass names. Order matters only for speed: the lossless group is
 # repeated until nothing changes, so each pass gets to see what the others exposed.
@@ -45,15 +48,31 @@ class PassResult:
 class Pass:
     """Base class. Subclasses set ``name``, ``description``, ``lossless`` and implement ``run``.
 
+    ``Options``: a frozen dataclass of the pass's settings (``onnxslim.options.option`` fields); the
+    manager builds it from the user's values and hands it over as ``self.options``.
+
     ``level = "graph"``: ``run(graph: gs.Graph, ctx)`` edits the graphsurgeon graph in place.
-    ``level = "model"``: ``run(model: ModelProto, ctx)`` may edit in place or return a new model
-    in ``PassResult.model``.
+    ``level = "model"``: ``run(model: ModelProto, ctx)`` returns a new model in ``PassResult.model``
+    or edits the one it is given; either way the manager never hands it the model validation compares
+    against (``ctx.original`` is a separate object, and the caller's ModelProto is copied first).
+
+    Weights: in lossless pipelines large initializers are *stubs* (``onnxslim.weights``) whose bytes
+    stay on disk; read a tensor's values through ``ctx.array(tensor)`` (or ``graph.const_value``), never
+    through ``raw_data``. Lossy pipelines get every weight loaded.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     lossless: ClassVar[bool] = True
     level: ClassVar[str] = "graph"
+    Options: ClassVar[type | None] = None
+    # ``PassResult.details`` of the pass's last run become the report section of this name.
+    report_section: ClassVar[str | None] = None
+
+    def __init__(self, options: Any = None) -> None:
+        if options is None and self.Options is not None:
+            options = self.Options()
+        self.options = options
 
     def run(self, target: Any, ctx: "Context") -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
@@ -107,13 +126,57 @@ def parse_pipeline(spec: str | list[str] | None) -> list[str]:
     return names
 
 
+def option_owners() -> dict[str, list[str]]:
+    """Option name -> the registered passes that declare it."""
+    owners: dict[str, list[str]] = {}
+    for name, cls in load_passes().items():
+        for f in opts.fields_of(cls.Options) if cls.Options is not None else ():
+            owners.setdefault(f.name, []).append(name)
+    return owners
+
+
+def resolve_options(names: list[str], values: dict[str, Any] | None) -> tuple[RunOptions, dict[str, Any]]:
+    """Typed settings for a pipeline: the run-level ``RunOptions`` and one options object per pass name.
+
+    Every key must be declared by ``RunOptions`` or by a pass in the pipeline: a misspelt key, or an
+    option of a pass the pipeline does not run, is an InputError (it would otherwise be ignored silently)."""
+    import difflib
+
+    registry = load_passes()
+    values = {k: v for k, v in (values or {}).items() if v is not None}
+    owners = option_owners()
+    run_fields = {f.name: f for f in opts.fields_of(RunOptions)}
+    lossy = any(not registry[n].lossless for n in names)
+    pipeline = ",".join(dict.fromkeys(names))
+    for key in values:
+        if key in run_fields:
+            if key in opts.LOSSY_RUN_OPTIONS and not lossy:
+                raise InputError(f"{opts.cli_flag(run_fields[key])} is for lossy passes, and the pipeline "
+                                 f"({pipeline}) has none")
+            continue
+        if key in owners:
+            if not any(n in owners[key] for n in names):
+                flag = opts.cli_flag(next(f for f in opts.fields_of(registry[owners[key][0]].Options)
+                                          if f.name == key))
+                raise InputError(f"{flag} is an option of pass {' / '.join(repr(o) for o in owners[key])}, "
+                                 f"which is not in the pipeline ({pipeline})")
+            continue
+        close = difflib.get_close_matches(key, list(run_fields) + list(owners), n=1)
+        raise InputError(f"unknown option '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    per_pass = {n: opts.build(registry[n].Options, values) for n in dict.fromkeys(names)
+                if registry[n].Options is not None}
+    return opts.build(RunOptions, values), per_pass
+
+
 @dataclass
 class Context:
     """The run's shared state. Passes read it; they never reach into each other."""
 
     original: Model | None = None
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)
+    run: RunOptions = field(default_factory=RunOptions)
+    given: frozenset[str] = frozenset()  # option names the user set (vs. defaults)
+    custom_op_library: str | None = None
     inputs: dict[str, np.ndarray] | None = None  # validation inputs, built once
     labels: np.ndarray | None = None  # class ids of ``inputs`` when known (accuracy gate)
     progress: Callable[[str], None] = lambda msg: None
@@ -121,33 +184,49 @@ class Context:
     # A lossy pass that misses its own gate (e.g. quantization slower than --min-speedup) says so here;
     # the API then writes nothing unless --force.
     gate_failures: list[str] = field(default_factory=list)
-    # Per-pass report sections (e.g. report.extra["prune"] = per-group channel counts).
-    report_extra: dict[str, Any] = field(default_factory=dict)
     _calibration: Any = None
+    _holdout: Any = None
 
     def option(self, key: str, default: Any = None) -> Any:
-        v = self.options.get(key)
+        """A run-level setting (``RunOptions``) by name; ``default`` when it is unset (None)."""
+        v = getattr(self.run, key)
         return default if v is None else v
+
+    @staticmethod
+    def array(tensor: Any) -> np.ndarray:
+        """The values of an initializer (gs.Constant or TensorProto), loading a stub from disk if needed."""
+        if isinstance(tensor, gs.Constant):
+            return np.asarray(tensor.values)
+        from onnx import numpy_helper
+
+        from onnxslim import weights
+
+        return weights.stub_array(tensor) if weights.is_stub(tensor) else numpy_helper.to_array(tensor)
 
     def warn(self, msg: str) -> None:
         self.warnings.append(msg)
 
     def calibration(self, model: ModelProto | None = None, required: bool = False):
         """Calibration data from ``--calib`` (loaded once, checked against the model's inputs)."""
-        if self._calibration is None and self.options.get("calib"):
-            from onnxslim.calibration import load_calibration
+        if self._calibration is None and self.run.calib:
+            from onnxslim.calibration import load_calibration, split_holdout
 
-            self._calibration = load_calibration(
-                self.options["calib"],
-                model if model is not None else self.original.proto,
-                size=self.options.get("calib_size"),
-                options=self.options,
-                input_shapes=self.input_shapes,
-            )
-            self.warnings.extend(self._calibration.warnings)  # e.g. 'random' data: accuracy not measured
+            data = load_calibration(self.run.calib, model if model is not None else self.original.proto,
+                                    settings=self.run, input_shapes=self.input_shapes)
+            self.warnings.extend(data.warnings)  # e.g. 'random' data: accuracy not measured
+            # The passes fit on one part; the gate measures on the part they never saw.
+            self._calibration, self._holdout = split_holdout(data, self.run.calib_holdout)
+            if self._holdout is None and data.measured and self.run.calib_holdout > 0:
+                self.warn(f"calibration data: {data.size} sample(s) are too few to hold some out; the lossy gate "
+                          "measures on the data the passes fitted (give --inputs for an independent check)")
         if self._calibration is None and required:
             raise InputError("this pass needs calibration data: pass --calib FILE.npz (or a folder, or 'random')")
         return self._calibration
+
+    def holdout(self, model: ModelProto | None = None):
+        """The held-out part of ``--calib`` (never given to a pass), or None."""
+        self.calibration(model)
+        return self._holdout
 
 
 @dataclass
@@ -163,23 +242,23 @@ class PassRecord:
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        # details are not repeated here: they are the pass's report section (Report.extra)
         return {
             "name": self.name, "round": self.round, "seconds": round(self.seconds, 4), "changed": self.changed,
             "stats": self.stats, "notes": self.notes, "before": self.before, "after": self.after,
-            "details": self.details,
         }
 
 
 def graph_stats(graph: gs.Graph) -> dict[str, int]:
     """Node, initializer and weight-byte counts, read from shapes only (no weight is loaded)."""
     nodes = 0
-    consts: dict[int, gs.Constant] = {}
-    for g in iter_graphs(graph):
+    consts: dict[str, gs.Constant] = {}
+    for g in graph_and_bodies(graph):  # the scope of protowalk.model_stats: graphs and bodies, by name
         nodes += len(g.nodes)
         for n in g.nodes:
-            for t in list(n.inputs) + list(n.outputs):
+            for t in n.inputs:
                 if isinstance(t, gs.Constant):
-                    consts[id(t)] = t
+                    consts.setdefault(t.name, t)
     nbytes = 0
     for c in consts.values():
         try:
@@ -189,17 +268,6 @@ def graph_stats(graph: gs.Graph) -> dict[str, int]:
     return {"nodes": nodes, "initializers": len(consts), "bytes": nbytes}
 
 
-def proto_stats(model: ModelProto) -> dict[str, int]:
-    from onnxslim.graph import node_count
-
-    inits = len(model.graph.initializer)
-    from onnxslim import weights
-
-    # Weights left on disk (stubs) have no raw_data in the proto: count the bytes they stand for.
-    nbytes = sum(weights.stub_nbytes(t) if weights.is_stub(t) else len(t.raw_data) for t in model.graph.initializer)
-    return {"nodes": node_count(model), "initializers": inits, "bytes": nbytes}
-
-
 class _Workspace:
     """Holds the model as a ModelProto or a gs.Graph and converts only when the next pass needs the other."""
 
@@ -207,11 +275,23 @@ class _Workspace:
         self._proto: ModelProto | None = proto
         self._graph: gs.Graph | None = None
         self.template = proto
+        # The proto we were given is the caller's (and may be what validation compares against):
+        # a model-level pass gets a copy of it, never the object itself.
+        self._shared = True
+
+    def proto_for_pass(self) -> ModelProto:
+        proto = self.proto()
+        if self._shared:
+            copy = ModelProto()
+            copy.CopyFrom(proto)  # weights left on disk are copied as their small stubs
+            proto = self._proto = copy
+            self._shared = False
+        return proto
 
     def graph(self) -> gs.Graph:
         if self._graph is None:
             self._graph = to_gs(self._proto)
-            self._proto = None
+            self._proto, self._shared = None, False  # to_gs copies: the caller's proto is not edited
         return self._graph
 
     def proto(self) -> ModelProto:
@@ -223,25 +303,37 @@ class _Workspace:
         return self._proto
 
     def set_proto(self, proto: ModelProto) -> None:
-        self._proto, self._graph = proto, None
+        self._proto, self._graph, self._shared = proto, None, False
         self.template = proto  # a model-level pass may change opsets (e.g. quantization upgrades to 13)
 
     def stats(self) -> dict[str, int]:
-        return graph_stats(self._graph) if self._graph is not None else proto_stats(self._proto)
+        return graph_stats(self._graph) if self._graph is not None else model_stats(self._proto)
 
 
 class PassManager:
     """Runs a pipeline of pass names over a model."""
 
-    def __init__(self, names: list[str], *, max_rounds: int = MAX_ROUNDS,
+    def sections(self) -> dict[str, Any]:
+        """Each pass's details from its last run that had any, keyed by its report section."""
+        out: dict[str, Any] = {}
+        for p, rec in self._ran:
+            if rec.details:
+                out[p.report_section or p.name] = rec.details
+        return out
+
+    def __init__(self, names: list[str], *, options: dict[str, Any] | None = None, max_rounds: int = MAX_ROUNDS,
                  verify: Callable[[ModelProto, str], None] | None = None,
                  on_stage: Callable[[ModelProto, str], None] | None = None) -> None:
+        """``options``: pass options by pass name (from ``resolve_options``); missing ones get defaults."""
         registry = load_passes()
-        self.passes = [registry[n]() for n in names]
+        options = options or {}
+        self.passes = [registry[n](options.get(n)) for n in names]
         self.max_rounds = max_rounds
         self.verify = verify  # called after each pass that changed the model (check-each-pass)
         self.on_stage = on_stage  # called after each lossy pass: per-stage metrics for the report
         self.records: list[PassRecord] = []
+        self._ran: list[tuple[Pass, PassRecord]] = []
+        self.warnings: list[str] = []
 
     def _groups(self) -> list[list[Pass]]:
         """Consecutive lossless passes form a group repeated to a fixed point; lossy passes run once."""
@@ -267,6 +359,11 @@ class PassManager:
                     any_changed |= rec.changed
                 if not any_changed:
                     break
+            else:
+                if rounds > 1:  # still changing after the last round: correct, but maybe not minimal
+                    self.warnings.append(
+                        f"passes {','.join(p.name for p in group)} still changed the model in round {rounds} "
+                        f"(the round limit); running onnxslim again on the output may shrink it further")
         return ws.proto()
 
     def _run_one(self, p: Pass, ws: _Workspace, ctx: Context, rnd: int, done: list[str]) -> PassRecord:
@@ -276,7 +373,7 @@ class PassManager:
             if p.level == "graph":
                 result = p.run(ws.graph(), ctx)
             else:
-                proto = ws.proto()
+                proto = ws.proto_for_pass()
                 result = p.run(proto, ctx)
                 ws.set_proto(result.model if result.model is not None else proto)
         except SlimError:
@@ -289,6 +386,7 @@ class PassManager:
         rec = PassRecord(p.name, rnd, seconds, bool(result.changed), dict(result.stats), list(result.notes),
                          before, ws.stats(), dict(result.details))
         self.records.append(rec)
+        self._ran.append((p, rec))
         if result.changed and self.verify is not None:
             self.verify(ws.proto(), p.name)
         if not p.lossless and self.on_stage is not None:

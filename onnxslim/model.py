@@ -29,6 +29,7 @@ from onnx import ModelProto, TensorProto
 
 from onnxslim import weights
 from onnxslim.errors import InputError
+from onnxslim.protowalk import iter_tensors  # noqa: F401 - re-exported: callers import it from here
 
 # Protobuf cannot serialize a message of 2 GiB or more; stay clear of the edge.
 PROTO_LIMIT = 2**31 - 2**26
@@ -65,35 +66,6 @@ class Model:
         if self.store is not None:
             self.store.close()
             self.store = None
-
-
-def iter_tensors(model: ModelProto) -> Iterator[TensorProto]:
-    """Every TensorProto in the model: initializers and tensor attributes, in all subgraphs and functions.
-
-    The main graph's initializers come first, in order (onnxslim.weights relies on it)."""
-
-    def from_graph(g: onnx.GraphProto) -> Iterator[TensorProto]:
-        yield from g.initializer
-        for si in g.sparse_initializer:
-            yield si.values
-            yield si.indices
-        for node in g.node:
-            yield from from_nodes([node])
-
-    def from_nodes(nodes) -> Iterator[TensorProto]:
-        for node in nodes:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
-                yield from attr.tensors
-                if attr.HasField("g"):
-                    yield from from_graph(attr.g)
-                for g in attr.graphs:
-                    yield from from_graph(g)
-
-    yield from from_graph(model.graph)
-    for fn in model.functions:
-        yield from from_nodes(fn.node)
 
 
 def _external_location(tensor: TensorProto) -> str | None:

@@ -118,24 +118,25 @@ def _split(text: Any) -> list[str]:
     return [t.strip() for t in str(text).split(",") if t.strip()]
 
 
-def config_from_options(options: dict[str, Any], kind: str, model: ModelProto) -> tuple[QuantConfig, set[str], str]:
-    """The starting config, the settings the user fixed (the search leaves them alone), and why."""
+def config_from_options(options: Any, kind: str, model: ModelProto) -> tuple[QuantConfig, set[str], str]:
+    """The starting config from the pass's options object (unset = None), the settings the user fixed
+    (the search leaves them alone), and why."""
     d = machine_defaults()
     fixed: set[str] = set()
 
     def opt(key: str, default: Any, field_name: str) -> Any:
-        v = options.get(key)
+        v = getattr(options, key)
         if v is None:
             return default
         fixed.add(field_name)
         return v
 
     names = {n.name for n in model.graph.node}
-    exclude = _split(options.get("quant_exclude"))
+    exclude = _split(options.quant_exclude)
     unknown = [n for n in exclude if n not in names]
     if unknown:
         raise InputError(f"--quant-exclude: no node named {', '.join(repr(u) for u in unknown[:5])} in the model")
-    op_types = _split(options.get("quant_op_types")) or None
+    op_types = _split(options.quant_op_types) or None
     if op_types:
         fixed.add("op_types")
     if kind == "dynamic":
@@ -808,17 +809,10 @@ def quant_op_counts(model: ModelProto) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------------ pass driver
 
-def gate_from_options(options: dict[str, Any]) -> Gate:
-    from onnxslim.validate import DEFAULT_MAX_ACC_DROP, DEFAULT_MIN_COSINE
-
-    objective = options.get("objective") or "speed"
-    min_speedup = options.get("min_speedup")
-    return Gate(min_cosine=DEFAULT_MIN_COSINE if options.get("min_cosine") is None else float(options["min_cosine"]),
-                max_acc_drop=(DEFAULT_MAX_ACC_DROP if options.get("max_acc_drop") is None
-                              else float(options["max_acc_drop"])),
-                min_top1=None if options.get("min_top1") is None else float(options["min_top1"]),
-                min_speedup=None if objective == "size" else (1.0 if min_speedup is None else float(min_speedup)),
-                objective=objective)
+def gate_from_options(run: Any) -> Gate:
+    """The gate from the run-level options (``onnxslim.options.RunOptions``; defaults live there)."""
+    return Gate(min_cosine=run.min_cosine, max_acc_drop=run.max_acc_drop, min_top1=run.min_top1,
+                min_speedup=None if run.objective == "size" else run.min_speedup, objective=run.objective)
 
 
 def _prepare(model: ModelProto, cfg: QuantConfig, kind: str, notes: list[str]) -> tuple[ModelProto, QuantConfig]:
@@ -853,7 +847,7 @@ def _prepare(model: ModelProto, cfg: QuantConfig, kind: str, notes: list[str]) -
     return prep, cfg
 
 
-def quantize_pass(model: ModelProto, ctx: Any, kind: str) -> Any:
+def quantize_pass(model: ModelProto, ctx: Any, kind: str, options: Any) -> Any:
     """The body of the quantize-static / quantize-dynamic passes: returns a PassResult."""
     from onnxslim.manager import PassResult
     from onnxslim.model import PROTO_LIMIT
@@ -862,8 +856,8 @@ def quantize_pass(model: ModelProto, ctx: Any, kind: str) -> Any:
         ctx.warn(f"quantize-{kind}: nothing to quantize (no {'/'.join(COMPUTE_OPS)} node); the model is left in float")
         return PassResult(changed=False, notes=[f"nothing to quantize: no {'/'.join(COMPUTE_OPS)} node"])
     data = ctx.calibration(model, required=kind == "static")
-    cfg, fixed, why = config_from_options(ctx.options, kind, model)
-    gate = gate_from_options(ctx.options)
+    cfg, fixed, why = config_from_options(options, kind, model)
+    gate = gate_from_options(ctx.run)
     notes: list[str] = []
     prep, cfg = _prepare(model, cfg, kind, notes)
 
@@ -874,7 +868,7 @@ def quantize_pass(model: ModelProto, ctx: Any, kind: str) -> Any:
             feeds, labels = data.inputs, data.labels
         else:
             feeds = make_inputs(reference, ctx.input_shapes)
-    custom = ctx.options.get("custom_op_library")
+    custom = ctx.custom_op_library
     with tempfile.TemporaryDirectory(prefix="onnxslim-quant-") as tmp:
         search = QuantSearch(prep, Quantizer(prep, data, Path(tmp)), reference, feeds, labels, gate, fixed,
                              ctx.input_shapes, ctx.progress, custom, search=gate.min_speedup is not None)
@@ -938,8 +932,6 @@ def quantize_pass(model: ModelProto, ctx: Any, kind: str) -> Any:
         "calibration": None if data is None else {"source": data.source, "samples": data.size,
                                                   "batch": data.batch_size, "measured": data.measured},
     }
-    ctx.report_extra.setdefault("quantize", {})
-    ctx.report_extra["quantize"] = details
     stats = {"size_ratio": round(size_x, 4), "candidates": len(search.tried), "nodes_in_float": len(float_nodes)}
     for b, v in best.speed.items():
         stats[f"speedup_b{b}"] = round(v["speedup"], 3)

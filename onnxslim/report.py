@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -37,6 +38,7 @@ class Report:
     validation: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the run decided on its own (e.g. lossless first)
     seconds: float = 0.0
     written: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -48,8 +50,27 @@ class Report:
         from onnxslim.model import _fsync_write
 
         tmp = Path(str(path) + ".tmp")
-        _fsync_write(tmp, [json.dumps(self.to_dict(), indent=2, default=_jsonable).encode()])
+        _fsync_write(tmp, [self.to_json().encode()])
         os.replace(tmp, path)
+
+    def to_json(self) -> str:
+        """Standard JSON (no NaN/Infinity, which JSON.parse rejects: they become null)."""
+        return json.dumps(strict_json(self.to_dict()), indent=2, allow_nan=False)
+
+
+def strict_json(o: Any) -> Any:
+    """``o`` with non-finite floats as None and numpy values as Python ones."""
+    if isinstance(o, dict):
+        return {str(k): strict_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [strict_json(v) for v in o]
+    if isinstance(o, (bool, str, int)) or o is None:
+        return o
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if hasattr(o, "item") and getattr(o, "ndim", 1) == 0:  # numpy scalar
+        return strict_json(o.item())
+    return strict_json(_jsonable(o)) if not isinstance(o, str) else o
 
 
 def _jsonable(o: Any) -> Any:
@@ -119,14 +140,14 @@ def format_report(r: Report, totals: bool = True) -> str:
         if notes:
             lines += [""] + list(notes)
     if r.stages:
-        srow = [["stage", "size", "params", "cosine", "accuracy", "latency b1"]]
+        srow = [["stage", "size", "params", "cosine", "accuracy", "latency b1 vs original"]]
         for s in r.stages:
             acc = s.get("accuracy")
-            lat = s.get("latency_ms")
+            lat = (s.get("latency") or {}).get("ratio")
             srow.append([s["name"], human_bytes(s.get("size", 0)), f"{s.get('params', 0):,}",
                          f"{s['cosine']:.4f}" if s.get("cosine") is not None else "-",
                          f"{acc:.2f}%" if acc is not None else "-",
-                         f"{lat:.3f} ms" if lat is not None else "-"])
+                         f"{lat:.2f}x" if lat is not None else "-"])
         lines += ["", _table(srow)]
     v = r.validation
     if v:
@@ -147,6 +168,8 @@ def format_report(r: Report, totals: bool = True) -> str:
     for section in r.extra.values():  # a pass's own section (e.g. prune) may carry its text lines
         if isinstance(section, dict) and section.get("summary"):
             lines += [""] + [str(s) for s in section["summary"]]
+    for n in r.notes:
+        lines.append(f"note: {n}")
     for w in r.warnings:
         lines.append(f"warning: {w}")
     if totals:

@@ -6,7 +6,7 @@ import functools
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -71,7 +71,9 @@ def make_session(model: ModelProto | str | Path, threads: int = 0, custom_op_lib
         src: bytes | str = model.SerializeToString()
     else:
         src = os.fspath(model)
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    sess._onnxslim_threads = threads  # paired_latency times one-thread sessions by CPU time
+    return sess
 
 
 def session_feed(session: ort.InferenceSession, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -130,17 +132,6 @@ def latency_ms(session: ort.InferenceSession, inputs: dict[str, np.ndarray], *, 
     return float(np.median(times) * 1000.0)
 
 
-def compare_latency(models: Sequence[ModelProto | str | Path], inputs: dict[str, np.ndarray], *,
-                    threads: int = 1, runs: int = 30, rounds: int = 3) -> list[float]:
-    """Median latency of each model, measured interleaved in one process so ratios are fair on a noisy machine."""
-    sessions = [make_session(m, threads=threads) for m in models]
-    per_model: list[list[float]] = [[] for _ in sessions]
-    for _ in range(rounds):
-        for i, s in enumerate(sessions):
-            per_model[i].append(latency_ms(s, inputs, runs=max(3, runs // rounds), warmup=2))
-    return [float(np.median(v)) for v in per_model]
-
-
 def paired_latency(a: ort.InferenceSession, b: ort.InferenceSession, inputs: dict[str, np.ndarray], *,
                    seconds: float = 1.0, min_runs: int = 15, max_runs: int = 400) -> tuple[float, float, float]:
     """Median ms of two sessions and the median of their per-run ratio b/a.
@@ -149,10 +140,14 @@ def paired_latency(a: ort.InferenceSession, b: ort.InferenceSession, inputs: dic
     pair, so the paired ratio stays stable on a shared machine where separate medians drift by 2x."""
     fa, fb = session_feed(a, inputs), session_feed(b, inputs)
 
+    # One-thread sessions compute in this thread: its CPU time is what the model costs, and other
+    # processes on a busy machine do not inflate it the way they inflate wall time.
+    clock = time.thread_time if _single_threaded(a) and _single_threaded(b) else time.perf_counter
+
     def timed(s: ort.InferenceSession, f: dict[str, np.ndarray]) -> float:
-        t0 = time.perf_counter()
+        t0 = clock()
         s.run(None, f)
-        return time.perf_counter() - t0
+        return clock() - t0
 
     for _ in range(3):
         timed(a, fa), timed(b, fb)
@@ -167,4 +162,48 @@ def paired_latency(a: ort.InferenceSession, b: ort.InferenceSession, inputs: dic
             ta.append(timed(a, fa))
             tb.append(timed(b, fb))
     ratio = float(np.median(np.asarray(tb) / np.asarray(ta)))
-    return float(np.median(ta)) * 1e3, float(np.median(tb)) * 1e3, ratio
+    before = float(np.median(ta)) * 1e3
+    # "after" is derived from the paired ratio so that the two times and the ratio printed together agree.
+    return before, before * ratio, ratio
+
+
+def _single_threaded(s: ort.InferenceSession) -> bool:
+    return getattr(s, "_onnxslim_threads", 0) == 1
+
+
+def latency_table(original: ModelProto | str | Path, optimized: ModelProto | str | Path,
+                  feeds_by_batch: dict[int, dict[str, np.ndarray]], *, custom_op_library: str | None = None,
+                  seconds: float = 1.0) -> dict[str, dict[str, Any]]:
+    """The one latency measurement: both models, one thread, interleaved, per batch size.
+
+    ``{"batch1": {"before_ms", "after_ms", "ratio"}, ...}`` with ratio = optimized / original (below 1 is
+    faster), the same number everywhere it is shown and gated. A batch that fails to run gets ``error``."""
+    out: dict[str, dict[str, Any]] = {}
+    sa = sb = None
+    for b, feeds in feeds_by_batch.items():
+        try:
+            if sa is None:
+                sa = make_session(original, threads=1, custom_op_library=custom_op_library)
+                sb = make_session(optimized, threads=1, custom_op_library=custom_op_library)
+            before, after, ratio = paired_latency(sa, sb, feeds, seconds=seconds)
+        except Exception as e:  # noqa: BLE001 - latency is information, never a reason to fail
+            out[f"batch{b}"] = {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}
+            continue
+        out[f"batch{b}"] = {"before_ms": round(before, 4), "after_ms": round(after, 4), "ratio": round(ratio, 4)}
+    return out
+
+
+def mean_ratio(table: dict[str, dict[str, Any]]) -> float | None:
+    """Geometric mean of the latency ratios of a ``latency_table`` (None when nothing was measured)."""
+    ratios = [v["ratio"] for v in table.values() if "ratio" in v and v["ratio"] > 0]
+    return float(np.exp(np.mean(np.log(ratios)))) if ratios else None
+
+
+def speed_gate(what: str, table: dict[str, dict[str, Any]], min_speedup: float) -> str | None:
+    """The speed gate of every lossy pass: None when it passes, else the one-line reason."""
+    ratio = mean_ratio(table)
+    if ratio is None or ratio <= 1.0 / min_speedup:
+        return None
+    batches = " and ".join(k.removeprefix("batch") for k, v in table.items() if "ratio" in v)
+    return (f"{what}: latency {ratio:.2f}x the input model's (geometric mean over batch {batches}) misses "
+            f"--min-speedup {min_speedup:g} (needs <= {1.0 / min_speedup:.2f}x)")

@@ -143,30 +143,28 @@ def allocate(sens: dict[str, Any], an: ch.Analysis, imp: np.ndarray, kind: str, 
     return best, reached(best)
 
 
-def run_sensitivity(model_path: str, calib_spec: str, options: dict[str, Any] | None = None,
-                    ratios: tuple[float, ...] = RATIOS, progress=lambda m: None) -> dict[str, Any]:
-    """The ``onnxslim sensitivity`` command's work: load, analyse, measure."""
-    from onnxslim.calibration import load_calibration
-    from onnxslim.model import load_model
+def run_sensitivity(model: ModelProto, calib_spec: str, *, settings: Any, importance: str | None = None,
+                    round_to: int = ch.DEFAULT_ROUND_TO, min_channels: int = 1, refit: bool = True,
+                    ratios: tuple[float, ...] = RATIOS, input_shapes: dict[str, list[int]] | None = None,
+                    progress=lambda m: None) -> dict[str, Any]:
+    """The ``onnxslim sensitivity`` command's work on a (cleaned) model: calibration, analysis, measurement.
 
-    options = dict(options or {})
-    m = load_model(model_path)
-    calib = load_calibration(calib_spec, m.proto, size=options.get("calib_size"), options=options)
-    refit = bool(options.get("refit", True))
-    importance = options.get("prune_importance") or ("recon" if refit else "l1")
-    an = ch.analyze(ch.traced_graph(m.proto))
+    ``settings``: the run-level options (``onnxslim.options.RunOptions``: calibration size, batch, images)."""
+    from onnxslim.calibration import load_calibration
+
+    calib = load_calibration(calib_spec, model, settings=settings, input_shapes=input_shapes)
+    importance = importance or ("recon" if refit else "l1")
+    an = ch.analyze(ch.traced_graph(model))
     imp = ch.importance(an, "l2" if importance == "l2" else "l1")
     select = None
     if importance == "recon":  # the same channel choice as the prune pass makes
         from onnxslim.refit import ReconSelector
 
-        select = ReconSelector(an, m.proto, calib, imp, batch=calib.batch_size, progress=progress)
-    res = measure(m.proto, calib, an=an, imp=imp, ratios=ratios, importance=importance,
-                  round_to=int(options.get("round_to") or ch.DEFAULT_ROUND_TO),
-                  min_channels=int(options.get("prune_min_channels") or 1), refit=refit, select=select,
-                  progress=progress)
-    res["model"] = str(model_path)
+        select = ReconSelector(an, model, calib, imp, batch=calib.batch_size, progress=progress)
+    res = measure(model, calib, an=an, imp=imp, ratios=ratios, importance=importance, round_to=round_to,
+                  min_channels=min_channels, refit=refit, select=select, progress=progress)
     res["calibration"] = calib.source
+    res["warnings"] = list(calib.warnings)
     return res
 
 
@@ -211,4 +209,11 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def write_json(res: dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(json.dumps(res, indent=2, default=float))
+    """Standard JSON (non-finite numbers as null); ``-`` is standard output."""
+    from onnxslim.report import strict_json
+
+    text = json.dumps(strict_json(res), indent=2, allow_nan=False)
+    if str(path) == "-":
+        print(text)
+    else:
+        Path(path).write_text(text)

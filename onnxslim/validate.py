@@ -16,11 +16,10 @@ import onnx
 from onnx import ModelProto
 
 from onnxslim.errors import InputError
+from onnxslim.options import DEFAULT_MAX_ACC_DROP, DEFAULT_MIN_COSINE
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
-DEFAULT_MIN_COSINE = 0.99
-DEFAULT_MAX_ACC_DROP = 1.0
 DEFAULT_DIM = 1  # value for a dynamic dimension nobody fixed
 MAX_INPUT_BYTES = 1 << 30  # random validation inputs larger than this are refused (NotValidatable)
 
@@ -90,14 +89,77 @@ def resolve_shape(name: str, dims: list[int | str | None], input_shapes: dict[st
     return out
 
 
-def random_array(dtype: np.dtype, shape: list[int], rng: np.random.Generator) -> np.ndarray:
+# Ops through which an integer input keeps its values (so a Gather further on still indexes with them).
+_VALUE_PRESERVING = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Expand", "Slice",
+                     "Transpose", "Tile"}
+
+
+def index_bounds(model: ModelProto) -> dict[str, int]:
+    """Exclusive upper bound for integer inputs that index a table, so generated data is valid data.
+
+    Followed through value-preserving ops to ``Gather``/``GatherElements`` (table length on the gather
+    axis) and ``OneHot`` (depth), e.g. a BERT export's token-type ids into a 2-row table. Inputs named
+    like masks get 2 (0/1). Only bounds that can be read from static shapes are returned."""
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    consts = {o: list(a.t.dims) for n in model.graph.node if n.op_type == "Constant"
+              for a in n.attribute if a.name == "value" for o in n.output}
+    consts.update(inits)
+    const_vals = {t.name: t for t in model.graph.initializer}
+    shapes: dict[str, list[int]] = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        for v in list(inferred.graph.value_info) + list(inferred.graph.input):
+            dims = v.type.tensor_type.shape.dim
+            if v.type.HasField("tensor_type") and all(d.HasField("dim_value") for d in dims):
+                shapes[v.name] = [d.dim_value for d in dims]
+    except Exception:  # noqa: BLE001 - no shapes: bounds from initializers only
+        pass
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+
+    def attr(n: onnx.NodeProto, name: str, default: int) -> int:
+        return next((a.i for a in n.attribute if a.name == name), default)
+
+    bounds: dict[str, int] = {}
+    for name, (dtype, _) in input_specs(model).items():
+        if not np.issubdtype(dtype, np.integer):
+            continue
+        found: list[int] = []
+        stack, seen = [name], set()
+        while stack:
+            t = stack.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            for n in users.get(t, []):
+                if n.op_type in _VALUE_PRESERVING and n.input and n.input[0] == t:
+                    stack.extend(n.output)
+                elif n.op_type in ("Gather", "GatherElements") and len(n.input) > 1 and n.input[1] == t:
+                    table = consts.get(n.input[0]) or shapes.get(n.input[0])
+                    if table:
+                        found.append(table[attr(n, "axis", 0) % len(table)])
+                elif n.op_type == "OneHot" and n.input[0] == t and n.input[1] in const_vals:
+                    from onnx import numpy_helper
+
+                    found.append(int(numpy_helper.to_array(const_vals[n.input[1]]).reshape(-1)[0]))
+        if found:
+            bounds[name] = max(1, min(found))
+        elif "mask" in name.lower():
+            bounds[name] = 2
+    return bounds
+
+
+def random_array(dtype: np.dtype, shape: list[int], rng: np.random.Generator, high: int = 4) -> np.ndarray:
     if dtype == np.bool_:
         return rng.integers(0, 2, size=shape).astype(np.bool_)
     if np.issubdtype(dtype, np.floating):
         return rng.standard_normal(size=shape).astype(dtype)
     if np.issubdtype(dtype, np.integer):
-        # Small non-negative values: safe as indices, ids and counts in most graphs.
-        return rng.integers(0, 4, size=shape).astype(dtype)
+        # Small non-negative values: safe as indices, ids and counts in most graphs (``high`` when an
+        # input is known to index a smaller table).
+        return rng.integers(0, high, size=shape).astype(dtype)
     if np.issubdtype(dtype, np.complexfloating):
         return (rng.standard_normal(size=shape) + 1j * rng.standard_normal(size=shape)).astype(dtype)
     if dtype.kind in "OUS":
@@ -115,14 +177,50 @@ def make_inputs(model: ModelProto, input_shapes: dict[str, list[int]] | None = N
     for name in shapes:
         if name not in {vi.name for vi in graph_inputs(model)}:
             raise InputError(f"--input-shape names '{name}', which is not an input of the model")
+    bounds = index_bounds(model)
     for name, (dtype, dims) in input_specs(model).items():
         shape = resolve_shape(name, dims, shapes, symbols, batch)
         if any(d < 0 for d in shape) or np.prod(shape, dtype=np.float64) * dtype.itemsize > MAX_INPUT_BYTES:
             # A declared shape of billions of elements (hostile or mistaken) must not take the machine down.
             raise NotValidatable(f"input '{name}' has shape {shape}, too large to build random data for; "
                                  "give --inputs or --input-shape")
-        feeds[name] = random_array(dtype, shape, rng)
+        feeds[name] = random_array(dtype, shape, rng, high=min(4, bounds.get(name, 4)))
+        if name in bounds and bounds[name] == 2 and "mask" in name.lower() and feeds[name].ndim == 2:
+            feeds[name][:, 0] = 1  # a mask with no position set would be an empty sequence
     return feeds
+
+
+LATENCY_BATCHES = (1, 64)
+
+
+def take_batch(feeds: dict[str, np.ndarray], b: int) -> dict[str, np.ndarray]:
+    """``b`` samples of ``feeds`` along the batch axis, repeating samples when there are fewer."""
+    out = {}
+    for k, v in feeds.items():
+        n = v.shape[0] if v.ndim else 0
+        if n == 0:
+            return {}
+        idx = np.arange(b) % n
+        out[k] = v[idx]
+    return out
+
+
+def latency_feeds(model: ModelProto, input_shapes: dict[str, list[int]] | None = None,
+                  data: dict[str, np.ndarray] | None = None,
+                  batches: tuple[int, ...] = LATENCY_BATCHES) -> dict[int, dict[str, np.ndarray]]:
+    """Inputs per batch size for timing: the user's data where given (so sequence lengths and ids are
+    real), else generated valid inputs; a fixed-batch model is timed at its own batch only."""
+    fixed = static_batch(model)
+    out: dict[int, dict[str, np.ndarray]] = {}
+    for b in ((fixed,) if fixed is not None else batches):
+        feeds = take_batch(data, b) if data else {}
+        if not feeds:
+            try:
+                feeds = make_inputs(model, input_shapes, batch=b, seed=1)
+            except NotValidatable:
+                continue
+        out[b] = feeds
+    return out
 
 
 def load_inputs(path: str | Path, model: ModelProto) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
@@ -270,8 +368,13 @@ def compare_models(original: ModelProto | str | Path, optimized: ModelProto | st
                    inputs: dict[str, np.ndarray], *, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
                    labels: np.ndarray | None = None, lossy: bool = False,
                    min_cosine: float = DEFAULT_MIN_COSINE, max_acc_drop: float = DEFAULT_MAX_ACC_DROP,
-                   chunk: int | None = None, custom_op_library: str | None = None) -> ValidationResult:
-    """Run both models on ``inputs`` and judge the optimized one (see module doc)."""
+                   chunk: int | None = None, custom_op_library: str | None = None,
+                   min_top1: float | None = None, score_outputs: set[str] | None = None) -> ValidationResult:
+    """Run both models on ``inputs`` and judge the optimized one (see module doc).
+
+    Lossy, without labels: every output's cosine >= ``min_cosine``, and top-1 agreement >= ``min_top1``
+    on the outputs that are class scores (``score_outputs``; by default ``DEFAULT_MIN_TOP1``): a cosine
+    near 1 can hide a classifier that changed one answer in five."""
     try:
         names_a, outs_a = run_model(original, inputs, chunk=chunk, custom_op_library=custom_op_library)
     except InputError:
@@ -319,4 +422,24 @@ def compare_models(original: ModelProto | str | Path, optimized: ModelProto | st
     if worst.cosine < min_cosine:
         res.passed = False
         res.reason = f"output '{worst.name}' cosine similarity {worst.cosine:.4f} < min {min_cosine:g}"
+        return res
+    top1_gate = DEFAULT_MIN_TOP1 if min_top1 is None else min_top1
+    for m in metrics:
+        if m.top1_agreement is not None and (min_top1 is not None or m.name in (score_outputs or ())) \
+                and m.top1_agreement < top1_gate:
+            res.passed = False
+            res.reason = (f"output '{m.name}' top-1 agreement with the original {m.top1_agreement:.1%} "
+                          f"< min {top1_gate:.0%} (--min-top1)")
+            return res
     return res
+
+
+DEFAULT_MIN_TOP1 = 0.95
+_SCORE_PRODUCERS = {"Softmax", "LogSoftmax", "Sigmoid", "Gemm", "MatMul", "Add"}
+
+
+def score_outputs(model: ModelProto) -> set[str]:
+    """Outputs that are class scores: made by Softmax/LogSoftmax/Sigmoid or straight by a classifier
+    layer (Gemm, MatMul(+Add)), as opposed to embeddings or features (Tanh, normalization, pooling)."""
+    made_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    return {o.name for o in model.graph.output if made_by.get(o.name) in _SCORE_PRODUCERS}

@@ -30,6 +30,8 @@ import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto
 
+from onnxslim.protowalk import iter_tensors
+
 MARKER = "\x00onnxslim:"
 # Tensors at least this large are left on disk when a model is loaded lazily.
 LAZY_THRESHOLD = 1024
@@ -255,7 +257,6 @@ def materialize(t: TensorProto) -> None:
 
 
 def iter_stubs(model: ModelProto) -> Iterator[TensorProto]:
-    from onnxslim.model import iter_tensors
 
     return (t for t in iter_tensors(model) if is_stub(t))
 
@@ -466,7 +467,6 @@ def write_embedded(model: ModelProto, f: BinaryIO) -> None:
     ``f`` must be a FileWriter (unbuffered) or a BytesIO: stub bytes are copied by the kernel straight
     into its file descriptor."""
     graph = model.graph
-    from onnxslim.model import iter_tensors
 
     top = [t for t in graph.initializer if is_stub(t)]
     # iter_tensors yields the top-level initializers first: everything after them is nested.

@@ -19,6 +19,7 @@ they are visible at load time (onnx's AffineGrid function body feeds a [1] tenso
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ from onnxslim.errors import InputError
 from onnxslim.graph import (NONDETERMINISTIC_OPS, const_value, has_subgraph, is_default_domain, is_tensor,
                             graph_and_bodies, placeholder, static_shape, toposort)
 from onnxslim.manager import Context, Pass, PassResult, register
+from onnxslim.options import option
 
 DEFAULT_SIZE_LIMIT = 4 << 20
 SMALL_GROWTH = 256 << 10
@@ -189,10 +191,19 @@ def _set_constant(g: gs.Graph, node: gs.Node, out: gs.Tensor, values: Any) -> No
     out.to_constant(values)
 
 
+@dataclass(frozen=True)
+class FoldOptions:
+    fold_size_limit: str = option("4MB", "Largest tensor a fold may add, e.g. 4MB or 512KB; folds that do not grow "
+                                         "the model always run.")
+
+    def __post_init__(self) -> None:
+        parse_size(self.fold_size_limit)  # a bad size is an input error before any work
+
+
 class _Folder:
-    def __init__(self, graph: gs.Graph, ctx: Context) -> None:
+    def __init__(self, graph: gs.Graph, limit: int) -> None:
         self.ev = _Evaluator(graph)
-        self.limit = parse_size(ctx.option("fold_size_limit", DEFAULT_SIZE_LIMIT))
+        self.limit = limit
         self.stats = {"nodes_folded": 0, "constants_to_initializers": 0, "shapes_folded": 0,
                       "left_by_size_limit": 0, "bytes_added": 0}
         self.notes: list[str] = []
@@ -394,9 +405,10 @@ class ConstantFolding(Pass):
     description = ("Evaluate constant subgraphs once (size-limited, --fold-size-limit), fold static Shape/Size, "
                    "Constant nodes to initializers")
     lossless = True
+    Options = FoldOptions
 
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
-        folder = _Folder(graph, ctx)
+        folder = _Folder(graph, parse_size(self.options.fold_size_limit))
         try:
             toposort(graph)
         except Exception as e:  # noqa: BLE001 - a cycle: evaluation order is undefined, fold nothing

@@ -16,6 +16,7 @@ size and latency before/after, the refit errors, and per group the channels kept
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,30 @@ from onnx import ModelProto
 from onnxslim import channels as ch
 from onnxslim.errors import InputError
 from onnxslim.manager import Context, Pass, PassResult, register
+from onnxslim.options import option
+from onnxslim.runtime import latency_table
+from onnxslim.validate import latency_feeds
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    prune_ratio: float | None = option(None, "Fraction of channels removed per group.", min=0.0, max=0.95)
+    prune_target: str | None = option(None, "Global target instead of a ratio: params=0.5 or macs=0.5 "
+                                             "(fraction removed).")
+    prune_importance: str | None = option(None, "Channel ranking: weight norm l1/l2, or recon (what the refit can "
+                                                "rebuild; default with --calib).", choices=("l1", "l2", "recon"))
+    round_to: int = option(ch.DEFAULT_ROUND_TO, "Keep channel counts multiples of N (default: onnxruntime's conv "
+                                                "block on this CPU, 16 with AVX-512, else 8).", min=1)
+    prune_min_channels: int = option(1, "Minimum channels kept per layer.", min=1)
+    prune_refit: bool | None = option(None, "Least-squares refit of consumers on --calib (default on with --calib).",
+                                      cli="--prune-refit/--no-prune-refit")
+    prune_ridge: float = option(1e-2, "Ridge strength of the refit, relative to the mean input energy.", min=0.0)
+
+    def __post_init__(self) -> None:
+        if self.prune_target is not None:
+            parse_target(self.prune_target)
+        if self.prune_ratio is not None and self.prune_target is not None:
+            raise InputError("prune: give either --prune-ratio or --prune-target, not both")
 
 
 
@@ -40,15 +65,6 @@ def parse_target(spec: str) -> tuple[str, float]:
     return kind, frac
 
 
-def settings(ctx: Context) -> dict[str, Any]:
-    """The pass's options with their defaults (shared with the sensitivity command)."""
-    return {
-        "importance": ctx.option("prune_importance"),
-        "round_to": int(ctx.option("round_to", ch.DEFAULT_ROUND_TO)),
-        "min_channels": int(ctx.option("prune_min_channels", 1)),
-    }
-
-
 @register
 class Prune(Pass):
     name = "prune"
@@ -56,23 +72,22 @@ class Prune(Pass):
                    "dependency groups and a least-squares refit on --calib data")
     lossless = False
     level = "model"
+    Options = PruneOptions
 
     def run(self, model: ModelProto, ctx: Context) -> PassResult:
         from onnxslim.sensitivity import allocate, measure
 
-        ratio = ctx.option("prune_ratio")
-        target = ctx.option("prune_target")
+        o: PruneOptions = self.options
+        ratio, target = o.prune_ratio, o.prune_target
         if ratio is None and target is None:
             raise InputError("prune: give --prune-ratio R (fraction of channels removed per group) "
                              "or --prune-target params=F|macs=F")
-        if ratio is not None and target is not None:
-            raise InputError("prune: give either --prune-ratio or --prune-target, not both")
-        s = settings(ctx)
+        s = {"importance": o.prune_importance, "round_to": o.round_to, "min_channels": o.prune_min_channels}
         calib = ctx.calibration(model)
         if calib is not None and not calib.measured:
             calib_note = "random calibration data: the refit fits noise, accuracy is not measured"
             ctx.warn(f"prune: {calib_note}")
-        refit = ctx.option("prune_refit")
+        refit = o.prune_refit
         refit = calib is not None if refit is None else bool(refit)
         if refit and calib is None:
             raise InputError("prune: --prune-refit needs calibration data (--calib FILE.npz)")
@@ -115,7 +130,6 @@ class Prune(Pass):
         report["macs"] = {"before": before.macs, "after": after.macs}
         if keep.all():
             report["summary"] = _summary(report)
-            ctx.report_extra["prune"] = report
             return PassResult(False, stats={"channels_removed": 0}, notes=["no channel removed"], details=report)
 
         ctx.progress("prune: rewriting")
@@ -124,18 +138,16 @@ class Prune(Pass):
             from onnxslim.refit import refit_layers
 
             fits = refit_layers(graph, nodes, an, keep, model, model, calib, batch=calib.batch_size,
-                                ridge=float(ctx.option("prune_ridge", 1e-2)), progress=ctx.progress)
+                                ridge=o.prune_ridge, progress=ctx.progress)
             report["refit_layers"] = [f.to_dict() for f in fits]
         out = ch.export(graph, model)
         report["size"] = {"before": model.ByteSize(), "after": out.ByteSize()}
-        if ctx.option("latency") is not False:
+        if ctx.run.latency is not False:
             ctx.progress("prune: latency")
-            from onnxslim.api import measure_latency
-
-            report["latency"] = measure_latency(model, out, ctx.input_shapes)
+            report["latency"] = latency_table(model, out, latency_feeds(model, ctx.input_shapes, ctx.inputs),
+                                              custom_op_library=ctx.custom_op_library)
         removed = int((~keep).sum())
         report["summary"] = _summary(report)
-        ctx.report_extra["prune"] = report
         stats = {"channels_removed": removed,
                  "groups_pruned": sum(1 for r in report["groups"] if r["kept"] < r["channels"]),
                  "groups_skipped": sum(1 for r in report["groups"] if r["skipped"])}

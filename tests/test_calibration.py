@@ -11,6 +11,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+
+from onnxslim.options import RunOptions
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -199,13 +201,13 @@ def write_pngs(folder: Path, n: int, size=(20, 24)) -> list[np.ndarray]:
 def test_image_folder_decodes_resizes_normalizes(tmp_path):
     write_pngs(tmp_path / "imgs", 3)
     d = load_calibration(tmp_path / "imgs", conv_model(),
-                         options={"calib_mean": "0.5,0.5,0.5", "calib_std": "0.25,0.25,0.25"})
+                         settings=RunOptions(calib_mean="0.5,0.5,0.5", calib_std="0.25,0.25,0.25"))
     x = d.inputs["x"]
     assert x.shape == (3, 3, 16, 16) and x.dtype == np.float32
     np.testing.assert_allclose(x[1, :, 5, 5], (np.array([200, 20, 100]) / 255 - 0.5) / 0.25, atol=1e-4)
     # BGR order and NHWC layout, 0..255 mean
     d = load_calibration(tmp_path / "imgs", conv_model(("N", 16, 16, 3)),
-                         options={"calib_color": "bgr", "calib_mean": "100", "calib_std": "2"})
+                         settings=RunOptions(calib_color="bgr", calib_mean="100", calib_std="2"))
     np.testing.assert_allclose(d.inputs["x"][2, 5, 5], (np.array([100, 40, 200]) - 100) / 2, atol=1e-3)
 
 
@@ -222,8 +224,8 @@ def test_image_folder_jpeg_and_generated_images(tmp_path):
     mi = _tool("make_image_model")
     mi.write_images(tmp_path / "gen", n=4, jpeg_every=2)
     model = mi.build_model()
-    d = load_calibration(tmp_path / "gen", model, options={"calib_mean": "0.485,0.456,0.406",
-                                                            "calib_std": "0.229,0.224,0.225"})
+    d = load_calibration(tmp_path / "gen", model, settings=RunOptions(calib_mean="0.485,0.456,0.406",
+                                                            calib_std="0.229,0.224,0.225"))
     assert d.inputs["image"].shape == (4, 3, 32, 32)
     assert np.isfinite(d.inputs["image"]).all() and d.inputs["image"].std() > 0.1
 
@@ -261,21 +263,21 @@ def test_image_folder_needs_an_image_input(tmp_path):
     d = load_calibration(tmp_path / "imgs", conv_model(("N", 3, "H", "W")), input_shapes={"x": [1, 3, 12, 10]})
     assert d.inputs["x"].shape == (1, 3, 12, 10)
     with pytest.raises(InputError) as e:
-        load_calibration(tmp_path / "imgs", conv_model(), options={"calib_mean": "0.1,0.2"})
+        load_calibration(tmp_path / "imgs", conv_model(), settings=RunOptions(calib_mean="0.1,0.2"))
     assert "--mean" in message(e) and "3 channel" in message(e)
 
 
 # ------------------------------------------------------------------------------------------- random
 
 def test_random_warns_and_follows_range(tmp_path):
-    ctx = Context(options={"calib": "random", "calib_random_range": "-2,3", "calib_size": 7})
+    ctx = Context(run=RunOptions(calib="random", calib_random_range="-2,3", calib_size=7))
     m = two_input_model()
     d = ctx.calibration(m)
     assert d.size == 7 and not d.measured and d.labels is None
     assert d.inputs["a"].min() >= -2 and d.inputs["a"].max() <= 3 and d.inputs["a"].min() < -1
     assert any("random" in w and "accuracy is not measured" in w for w in ctx.warnings)
     with pytest.raises(InputError) as e:
-        load_calibration("random", m, options={"calib_random_range": "3,1"})
+        load_calibration("random", m, settings=RunOptions(calib_random_range="3,1"))
     assert "--random-range" in message(e)
 
 
@@ -287,9 +289,9 @@ def test_batches_and_fixed_batch_models(tmp_path):
     d = load_calibration(tmp_path / "c.npz", fixed)
     assert d.batch_size == 4 and d.size == 8 and any("dropped" in w for w in d.warnings)
     with pytest.raises(InputError) as e:
-        load_calibration(tmp_path / "c.npz", fixed, options={"calib_batch": 3})
+        load_calibration(tmp_path / "c.npz", fixed, settings=RunOptions(calib_batch=3))
     assert "fixed batch size of 4" in message(e)
-    assert load_calibration(tmp_path / "c.npz", conv_model(), options={"calib_batch": 5}).batch_size == 5
+    assert load_calibration(tmp_path / "c.npz", conv_model(), settings=RunOptions(calib_batch=5)).batch_size == 5
 
 
 def test_cli_reports_bad_calibration_in_one_line(tmp_path):

@@ -15,6 +15,7 @@ from onnx import numpy_helper as nh
 
 import onnxslim
 from onnxslim.graph import node_count, op_histogram, to_gs, to_proto
+from onnxslim.passes.fold import FoldOptions
 from onnxslim.manager import Context, load_passes
 
 OPSET = 17
@@ -42,9 +43,9 @@ def init(name, arr):
     return nh.from_array(np.asarray(arr), name)
 
 
-def run_pass(m: onnx.ModelProto, name: str, ctx: Context | None = None):
+def run_pass(m: onnx.ModelProto, name: str, ctx: Context | None = None, options=None):
     """One pass, once; returns (new model, PassResult)."""
-    p = load_passes()[name]()
+    p = load_passes()[name](options)
     ctx = ctx or Context()
     if p.level == "model":
         work = onnx.ModelProto()
@@ -294,7 +295,7 @@ def test_fold_size_limit_is_configurable():
     m = model(nodes, [vi("x", [256, 256])], [vi("y", None)], [init("shape", np.array([256, 256], np.int64))])
     out, _ = run_pass(m, "fold")  # 256 KiB from 16 bytes: within the small-growth allowance
     assert "ConstantOfShape" not in op_histogram(out)
-    out, res = run_pass(m, "fold", Context(options={"fold_size_limit": "64KB"}))
+    out, res = run_pass(m, "fold", options=FoldOptions(fold_size_limit="64KB"))
     assert "ConstantOfShape" in op_histogram(out) and res.stats["left_by_size_limit"] == 1
 
 
@@ -302,7 +303,7 @@ def test_fold_big_weight_transpose_folds_without_growth():
     w = RNG.standard_normal((512, 1024)).astype(np.float32)  # 2 MiB, transposed: same size
     nodes = [h.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]), h.make_node("MatMul", ["x", "wt"], ["y"])]
     m = model(nodes, [vi("x", [2, 1024])], [vi("y", None)], [init("w", w)])
-    out, _ = run_pass(m, "fold", Context(options={"fold_size_limit": 1024}))
+    out, _ = run_pass(m, "fold", options=FoldOptions(fold_size_limit="1024"))
     assert op_histogram(out) == {"MatMul": 1}
     assert_same(m, out, x_feed((2, 1024)), rtol=1e-4, atol=1e-4)
 
