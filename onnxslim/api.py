@@ -26,7 +26,8 @@ from onnxslim.report import Report, model_summary
 from onnxslim.options import DEFAULT_MAX_ACC_DROP, DEFAULT_MIN_COSINE
 from onnxslim.runtime import latency_table
 from onnxslim.validate import (DEFAULT_ATOL, DEFAULT_RTOL, NotValidatable, ValidationResult, compare_models,
-                               latency_feeds, load_inputs, make_inputs, score_outputs, static_batch)
+                               describe_feeds, latency_feeds, load_inputs, make_inputs, score_outputs,
+                               static_batch)
 
 
 def checked_custom_op_library(path: str | os.PathLike | None) -> str | None:
@@ -69,9 +70,11 @@ def _return_freed_memory() -> None:
         pass
 
 
-def _validation_data(m: Model, ctx: Context, inputs: str | os.PathLike | dict | None,
-                     lossy: bool) -> tuple[dict[str, np.ndarray] | None, np.ndarray | None, str]:
-    """Inputs for the final comparison: the user's, else calibration data for lossy runs, else random."""
+def _validation_data(m: Model, ctx: Context, inputs: str | os.PathLike | dict | None, lossy: bool,
+                     val_shapes: dict[str, list[int]] | None = None, val_samples: int | None = None,
+                     val_seed: int = 0) -> tuple[dict[str, np.ndarray] | None, np.ndarray | None, str]:
+    """Inputs for the final comparison: the user's, else held-out calibration data for lossy runs, else
+    generated (valid) inputs: ``val_samples`` of them at ``val_shapes`` (data only: the model is not changed)."""
     if isinstance(inputs, dict):
         return {k: np.asarray(v) for k, v in inputs.items() if k != "labels"}, inputs.get("labels"), "given"
     if inputs is not None:
@@ -85,7 +88,8 @@ def _validation_data(m: Model, ctx: Context, inputs: str | os.PathLike | dict | 
         if calib is not None and calib.measured:
             return calib.inputs, calib.labels, f"calibration data {calib.source}"
     try:
-        return make_inputs(m.proto, ctx.input_shapes), None, "random"
+        shapes = {**ctx.input_shapes, **(val_shapes or {})}
+        return make_inputs(m.proto, shapes, batch=val_samples, seed=val_seed), None, "random"
     except NotValidatable as e:
         return None, None, str(e)
 
@@ -166,7 +170,9 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
              options: dict[str, Any] | None = None,
              custom_op_library: str | None = None,
              progress: Callable[[str], None] | None = None,
-             keep_model: bool = True, auto_lossless: bool = True) -> tuple[ModelProto | None, Report]:
+             keep_model: bool = True, auto_lossless: bool = True,
+             val_shapes: dict[str, list[int]] | None = None, val_samples: int | None = None,
+             val_seed: int = 0) -> tuple[ModelProto | None, Report]:
     """Run a pipeline over a model, validate the result, and (if ``output``) write it atomically.
 
     Returns the optimized ModelProto and the Report. Raises InputError for bad input, GateError when
@@ -175,6 +181,7 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
     be declared by ``onnxslim.options.RunOptions`` or by a pass in the pipeline (else InputError).
     ``keep_model=False`` returns None instead of the model (the CLI: weights never need to be in memory).
     ``auto_lossless``: run the lossless preset before the first lossy pass when nothing cleans the graph first.
+    ``val_shapes`` / ``val_samples`` / ``val_seed``: generated validation inputs (when no ``inputs``).
     """
     t0 = time.perf_counter()
     _return_freed_memory()
@@ -215,7 +222,7 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
     feeds = labels = None
     source = ""
     if validate or check_each_pass:
-        feeds, labels, source = _validation_data(m, ctx, inputs, lossy)
+        feeds, labels, source = _validation_data(m, ctx, inputs, lossy, val_shapes, val_samples, val_seed)
         ctx.inputs, ctx.labels = feeds, labels
 
     verify = None
@@ -260,6 +267,10 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
             if validation is not None:
                 report.validation = validation.to_dict()
                 report.validation["inputs"] = source
+                report.validation["data"] = describe_feeds(feeds if not source.startswith("all-ones") else
+                                                           _ones_like(feeds), source)
+                report.warnings.extend(f"{w}: the comparison cannot tell a changed model from this one; "
+                                       "give --inputs with real data" for w in validation.warnings)
             else:
                 report.validation = ValidationResult(True, "", skipped=source).to_dict()
                 report.warnings.append(f"validation skipped: {source}")
@@ -276,9 +287,12 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
                                            latency_feeds(m.proto, ctx.input_shapes, feeds),
                                            custom_op_library=custom_op_library)
         report.warnings.extend(ctx.warnings)
+        size = staged.size() if staged is not None else None
+        report.after = model_summary(result, size)  # shown also when the gate refuses the candidate
         if validation is not None and not validation.passed:
             if not force:
                 report.seconds = time.perf_counter() - t0
+                report.refused = f"validation failed: {validation.reason}"
                 raise GateError(f"validation failed: {validation.reason}; nothing written (use --force to write anyway)",
                                 report)
             report.warnings.append(f"validation failed but --force given: {validation.reason}")
@@ -286,13 +300,12 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
         if gate_msg:
             if not force:
                 report.seconds = time.perf_counter() - t0
+                report.refused = gate_msg
                 raise GateError(f"{gate_msg}; nothing written (use --force to write anyway)", report)
             report.warnings.append(f"{gate_msg} (written because of --force)")
-        size = staged.size() if staged is not None else None
         if out_path is not None:
             staged.commit(protect=m.data_paths())  # never deletes the input's data files
             report.written = True
-        report.after = model_summary(result, size)
         if keep_model:
             weights.materialize_all(result)  # the caller gets a complete model, not stubs
     finally:

@@ -53,6 +53,7 @@ class CalibrationData:
     measured: bool = True  # False for random data: accuracy is not measured on it
     warnings: list[str] = field(default_factory=list)
     batch_size: int = DEFAULT_BATCH  # --calib-batch, else the model's fixed batch, else DEFAULT_BATCH
+    fixed_batch: bool = False  # batch_size is the model's own fixed batch: feed whole batches only
 
     @property
     def size(self) -> int:
@@ -67,7 +68,7 @@ class CalibrationData:
     def subset(self, n: int) -> "CalibrationData":
         return CalibrationData({k: v[:n] for k, v in self.inputs.items()},
                                None if self.labels is None else self.labels[:n], self.source, self.measured,
-                               list(self.warnings), self.batch_size)
+                               list(self.warnings), self.batch_size, self.fixed_batch)
 
 
 def _expected(dims: list) -> list:
@@ -99,6 +100,10 @@ def _check_against_model(inputs: dict[str, np.ndarray], model: ModelProto, sourc
                 inputs[name] = arr.astype(dtype)  # int32 ids for an int64 input: same values
             else:
                 raise InputError(f"calibration data '{source}': input '{name}' has dtype {arr.dtype}, expected {dtype}")
+        if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+            bad = int(arr.size - np.isfinite(arr).sum())
+            raise InputError(f"calibration data '{source}': input '{name}' has {bad} NaN/Inf value(s) of {arr.size}; "
+                             "calibration needs finite data")
         if n is None:
             n = arr.shape[0]
         elif arr.shape[0] != n:
@@ -503,6 +508,7 @@ def load_calibration(spec: str | Path, model: ModelProto, *, size: int | None = 
     if size and data.size > size:
         data = data.subset(size)
     data.batch_size = _batch_size(options, model)
+    data.fixed_batch = _fixed_batch(model) is not None
     if data.batch_size > 1 and data.size % data.batch_size and data.batch_size == _fixed_batch(model):
         # A fixed-batch model can only take whole batches: drop the remainder, and say so.
         keep = data.size - data.size % data.batch_size
@@ -523,7 +529,9 @@ def split_holdout(data: CalibrationData, fraction: float,
     samples on both sides is not split (the caller warns)."""
     n = data.size
     k = int(round(n * fraction))
-    if not data.measured or fraction <= 0 or k < min_each or n - k < min_each:
+    fixed = data.batch_size if data.fixed_batch else 1
+    k -= k % fixed  # a fixed-batch model takes whole batches only, on both sides
+    if not data.measured or fraction <= 0 or k < max(min_each, fixed) or n - k < max(min_each, fixed):
         return data, None
     step = n / k
     held = np.unique((np.arange(k) * step + step / 2).astype(np.int64).clip(0, n - 1))
@@ -533,7 +541,7 @@ def split_holdout(data: CalibrationData, fraction: float,
     def part(m: np.ndarray, what: str) -> CalibrationData:
         return CalibrationData({name: v[m] for name, v in data.inputs.items()},
                                None if data.labels is None else data.labels[m], f"{data.source} ({what})",
-                               data.measured, [], data.batch_size)
+                               data.measured, [], data.batch_size, data.fixed_batch)
 
     fit, hold = part(~mask, f"{int((~mask).sum())} fitted"), part(mask, f"{int(mask.sum())} held out")
     fit.warnings = list(data.warnings)

@@ -17,20 +17,107 @@ import click
 from onnxslim.errors import GateError, InputError, SlimError
 
 
-def _parse_shape(values: tuple[str, ...]) -> dict[str, list[int]]:
+def _parse_shape(values: tuple[str, ...], flag: str = "--input-shape") -> dict[str, list[int]]:
     shapes: dict[str, list[int]] = {}
     for v in values:
         name, sep, dims = v.rpartition(":")
         if not sep or not name:
-            raise InputError(f"--input-shape '{v}': expected NAME:D1,D2,... (e.g. input:1,3,224,224)")
+            raise InputError(f"{flag} '{v}': expected NAME:D1,D2,... (e.g. input:1,3,224,224)")
         try:
             shape = [int(d) for d in dims.replace("x", ",").split(",") if d.strip()]
         except ValueError:
-            raise InputError(f"--input-shape '{v}': dimensions must be integers") from None
+            raise InputError(f"{flag} '{v}': dimensions must be integers") from None
         if any(d <= 0 for d in shape):
-            raise InputError(f"--input-shape '{v}': dimensions must be positive")
+            raise InputError(f"{flag} '{v}': dimensions must be positive")
         shapes[name] = shape
     return shapes
+
+
+def _log_passes(report: Any) -> None:
+    """--verbose: each pass run, what it changed and what it decided, in order (stderr)."""
+    for p in report.passes:
+        b, a = p["before"].get("nodes", 0), p["after"].get("nodes", 0)
+        stats = ", ".join(f"{k} {v}" for k, v in p["stats"].items() if v)
+        click.echo(f"onnxslim: pass {p['name']} round {p['round']}: {'changed' if p['changed'] else 'no change'}, "
+                   f"nodes {b} -> {a}, {p['seconds']:.3f} s" + (f"; {stats}" if stats else ""), err=True)
+        for n in p["notes"]:
+            click.echo(f"onnxslim:   {n}", err=True)
+
+
+_FORWARDED: list[str] = []  # the command line minus IN/OUT/--json/--jobs, for folder mode's children
+
+
+def _forwarded_args(args: list[str]) -> list[str]:
+    """``args`` without the subcommand, the two positional paths, and --json/--jobs with their values."""
+    if args and args[0] == "optimize":
+        args = args[1:]
+    out, positional, i = [], 0, 0
+    while i < len(args):
+        a = args[i]
+        if a in ("--json", "--jobs", "-j"):
+            i += 2
+            continue
+        if a.startswith(("--json=", "--jobs=")):
+            i += 1
+            continue
+        if a in _VALUE_FLAGS and i + 1 < len(args):
+            out += [a, args[i + 1]]
+            i += 2
+            continue
+        if not a.startswith("-") and positional < 2:
+            positional += 1
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
+_VALUE_FLAGS: set[str] = set()  # flags that take a value (filled from the optimize command)
+
+
+def _load_plugins(args: list[str]) -> list[str]:
+    """Import ``--plugin FILE.py`` modules (their @register passes join the registry, their options the
+    CLI) and the 'onnxslim.passes' entry points; returns ``args`` without the --plugin pairs."""
+    import importlib.util
+    from importlib.metadata import entry_points
+    from pathlib import Path
+
+    from onnxslim.manager import load_passes
+
+    load_passes()
+    rest, i = [], 0
+    files = []
+    while i < len(args):
+        if args[i] == "--plugin" and i + 1 < len(args):
+            files.append(args[i + 1])
+            i += 2
+        elif args[i].startswith("--plugin="):
+            files.append(args[i].split("=", 1)[1])
+            i += 1
+        else:
+            rest.append(args[i])
+            i += 1
+    for f in files:
+        p = Path(f)
+        if not p.is_file():
+            raise InputError(f"--plugin '{f}': no such file")
+        spec = importlib.util.spec_from_file_location(f"onnxslim_plugin_{p.stem}", p)
+        try:
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+        except Exception as e:  # noqa: BLE001 - the user's code: one line naming the file
+            raise InputError(f"--plugin '{f}' failed to load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    for ep in entry_points(group="onnxslim.passes"):
+        try:
+            ep.load()
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"entry point '{ep.name}' of group onnxslim.passes failed to load ({type(e).__name__})") from None
+    cmd = cli.commands["optimize"]
+    have = {o for prm in cmd.params for o in getattr(prm, "opts", [])}
+    for opt in declared_options():  # options of plugin passes
+        if opt.opts[0] not in have:
+            cmd.params.append(opt)
+    return rest
 
 
 def check_report_path(path: str) -> None:
@@ -120,14 +207,39 @@ class _DefaultGroup(click.Group):
     """``onnxslim IN OUT`` runs the ``optimize`` command; subcommands are matched first."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+        if not args:  # `onnxslim` alone: the help, and success
+            click.echo(ctx.get_help())
+            ctx.exit(0)
+        if args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["optimize", *args]
         return super().parse_args(ctx, args)
 
 
+def _version_message() -> str:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(pkg: str) -> str:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"onnxslim {v('onnxslim-tool')} (onnx {v('onnx')}, onnxruntime {v('onnxruntime')}, "
+            f"onnx-graphsurgeon {v('onnx-graphsurgeon')}, numpy {v('numpy')}, python {platform.python_version()})")
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(_version_message())
+        ctx.exit(0)
+
+
 @click.group(cls=_DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]},
-             epilog="Main job: onnxslim IN.onnx OUT.onnx [options]  (see: onnxslim optimize --help)")
-@click.version_option(package_name="onnxslim-tool", prog_name="onnxslim")
+             epilog="Main job: onnxslim IN.onnx OUT.onnx [options]  (see: onnxslim optimize --help). "
+                    "Custom passes: --plugin FILE.py (repeatable) or the 'onnxslim.passes' entry point group.")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version of onnxslim, onnx and onnxruntime, and exit.")
 def cli() -> None:
     """onnxslim: optimize ONNX models (lossless cleanup, pruning, INT8) and prove the result in onnxruntime."""
 
@@ -152,14 +264,33 @@ def cli() -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.option("--no-auto-lossless", is_flag=True,
               help="Do not run the lossless preset before the first lossy pass when --passes starts lossy.")
+@click.option("--val-shape", multiple=True,
+              help="Shape of generated validation inputs, NAME:1,3,224,224 (the model is not changed; repeatable).")
+@click.option("--val-samples", type=click.IntRange(min=1), help="Generated validation samples (batch size).")
+@click.option("--val-seed", type=int, default=0, show_default=True, help="Seed of generated validation inputs.")
+@click.option("--verbose", "-v", is_flag=True, help="Log what each pass did and decided, on stderr.")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Folder mode (IN and OUT folders): models optimized at once, one process each.")
 @_with_declared_options
 def optimize_cmd(input_path: str, output_path: str, passes: str, input_shape: tuple[str, ...], inputs: str | None,
                  atol: float, rtol: float, no_validate: bool, check_each_pass: bool, force: bool,
                  json_path: str | None, custom_op_library: str | None, quiet: bool, debug: bool,
+                 val_shape: tuple[str, ...], val_samples: int | None, val_seed: int, verbose: bool, jobs: int,
                  **options: Any) -> None:
-    """Optimize IN and write OUT (default passes: lossless)."""
+    """Optimize IN and write OUT (default passes: lossless). IN and OUT may be folders (every .onnx in IN)."""
+    from pathlib import Path
+
     from onnxslim.api import optimize
     from onnxslim.report import Progress, format_report
+
+    if Path(input_path).is_dir():
+        from onnxslim.folder import run_folder
+
+        if json_path:
+            check_report_path(json_path)
+        code = run_folder(Path(input_path), Path(output_path), _FORWARDED, jobs=jobs, json_path=json_path,
+                          quiet=quiet)
+        sys.exit(code)
 
     if output_path == "-":
         raise InputError("OUT '-': a model cannot be written to standard output; give a file path")
@@ -177,6 +308,7 @@ def optimize_cmd(input_path: str, output_path: str, passes: str, input_shape: tu
             validate=not no_validate, atol=atol, rtol=rtol, check_each_pass=check_each_pass, force=force,
             latency=latency, options={k: v for k, v in options.items() if v is not None},
             custom_op_library=custom_op_library, progress=progress, keep_model=False, auto_lossless=auto_lossless,
+            val_shapes=_parse_shape(val_shape, "--val-shape"), val_samples=val_samples, val_seed=val_seed,
         )
     except GateError as e:
         progress.done()
@@ -186,6 +318,8 @@ def optimize_cmd(input_path: str, output_path: str, passes: str, input_shape: tu
         raise
     finally:
         progress.done()
+        if verbose and report is not None:
+            _log_passes(report)
         if json_path and report is not None:
             if to_stdout:
                 click.echo(report.to_json())
@@ -333,11 +467,20 @@ def passes_cmd() -> None:
         click.echo(f"preset '{name}': {','.join(items)}")
 
 
+def _plugin_args(args: list[str]) -> list[tuple[str, str]]:
+    return [("--plugin", args[i + 1]) for i, a in enumerate(args[:-1]) if a == "--plugin"]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs click without its own error handling so that every error is one line."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
+        args = _load_plugins(args)
+        _VALUE_FLAGS.update(o for prm in cli.commands["optimize"].params if isinstance(prm, click.Option)
+                            and not prm.is_flag for o in prm.opts)
+        _FORWARDED[:] = [a for f in _plugin_args(sys.argv[1:] if argv is None else argv) for a in f] + \
+            _forwarded_args(args)
         cli.main(args=args, prog_name="onnxslim", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

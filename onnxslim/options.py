@@ -126,8 +126,9 @@ class RunOptions:
     calib_random_range: str | None = option(None, "'random' calibration: LOW,HIGH (default 0,1).", cli="--random-range")
     min_cosine: float = option(DEFAULT_MIN_COSINE, "Lossy gate: minimum cosine of every output with the original's.",
                                min=-1.0, max=1.0)
-    max_acc_drop: float = option(DEFAULT_MAX_ACC_DROP, "Lossy gate with labels: maximum accuracy drop in points.",
-                                 min=0.0, max=100.0)
+    max_acc_drop: float = option(DEFAULT_MAX_ACC_DROP, "Lossy gate with labels: maximum accuracy drop in points "
+                                                       "(negative: the result must be more accurate).",
+                                 min=-100.0, max=100.0)
     min_top1: float | None = option(None, "Lossy gate: minimum top-1 agreement with the original on score "
                                           "outputs (0-1; default 0.95 on outputs made by Softmax/Gemm/MatMul, i.e. class scores).",
                                     min=0.0, max=1.0)

@@ -11,9 +11,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onnx import ModelProto
+from onnx import ModelProto, TensorProto
 
 from onnxslim.graph import count_params, op_histogram
+
+
+def _io(model: ModelProto) -> list[dict[str, Any]]:
+    inits = {t.name for t in model.graph.initializer}
+    rows = []
+    for kind, vis in (("input", [v for v in model.graph.input if v.name not in inits]), ("output", model.graph.output)):
+        for v in vis:
+            tt = v.type.tensor_type
+            dtype = TensorProto.DataType.Name(tt.elem_type) if v.type.HasField("tensor_type") else "?"
+            shape = ([d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+                     if tt.HasField("shape") else None)
+            rows.append({"kind": kind, "name": v.name, "dtype": dtype.lower(), "shape": shape})
+    return rows
 
 
 def model_summary(model: ModelProto, file_size: int | None = None) -> dict[str, Any]:
@@ -23,6 +36,7 @@ def model_summary(model: ModelProto, file_size: int | None = None) -> dict[str, 
         "initializers": len(model.graph.initializer),
         "params": count_params(model),
         "size": int(file_size) if file_size is not None else int(model.ByteSize()),
+        "io": _io(model),
     }
 
 
@@ -41,6 +55,7 @@ class Report:
     notes: list[str] = field(default_factory=list)  # what the run decided on its own (e.g. lossless first)
     seconds: float = 0.0
     written: bool = False
+    refused: str | None = None  # why the candidate was not written (its numbers are still in ``after``)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,6 +138,13 @@ def format_report(r: Report, totals: bool = True) -> str:
                 rows.append([f"latency {key}", f"{val['before_ms']:.3f} ms", f"{val['after_ms']:.3f} ms",
                              f"{val['ratio']:.2f}x" if val.get("ratio") else _ratio(val["before_ms"], val["after_ms"])])
     lines = [_table(rows)] if len(rows) > 1 else []
+    if b.get("io") and a.get("io"):
+        fmt = lambda io: f"{io['kind']} {io['name']}: {io['dtype']} {io['shape']}"  # noqa: E731
+        if b["io"] == a["io"]:
+            lines.append("interface unchanged: " + "; ".join(fmt(io) for io in b["io"]))
+        else:
+            lines += ["interface CHANGED:"] + [f"  before {fmt(io)}" for io in b["io"]] + \
+                     [f"  after  {fmt(io)}" for io in a["io"]]
     if r.passes:
         agg: dict[str, dict[str, float]] = {}
         for p in r.passes:
@@ -131,9 +153,10 @@ def format_report(r: Report, totals: bool = True) -> str:
             e["runs"] += 1
             e["changed"] += int(p["changed"])
             e["nodes"] += p["before"].get("nodes", 0) - p["after"].get("nodes", 0)
-        prow = [["pass", "runs", "changed", "nodes removed", "time"]]
+        prow = [["pass", "runs", "changed", "nodes", "time"]]
         for name, e in agg.items():
-            prow.append([name, str(e["runs"]), str(e["changed"]), str(int(e["nodes"])), f"{e['seconds']:.3f} s"])
+            prow.append([name, str(e["runs"]), str(e["changed"]), f"{-int(e['nodes']):+d}" if e["nodes"] else "0",
+                         f"{e['seconds']:.3f} s"])
         lines += ["", _table(prow)]
         # What a pass decided and why (e.g. the quantization settings chosen, nodes kept in float).
         notes = dict.fromkeys(f"{p['name']}: {n}" for p in r.passes for n in p.get("notes", []))
@@ -156,8 +179,14 @@ def format_report(r: Report, totals: bool = True) -> str:
         if v.get("skipped"):
             lines.append(f"validation: skipped ({v['skipped']})")
         else:
-            head = "validation: " + ("PASSED" if v["passed"] else f"FAILED: {v['reason']}")
+            head = "validation: " + ("outputs within the gate" if v["passed"] else f"FAILED: {v['reason']}")
             lines.append(head + f" ({v['mode']}, {v['samples']} sample(s))")
+            data = v.get("data")
+            if data:
+                shown = ", ".join(f"{i['name']} {i['shape']} {i['dtype']}"
+                                  + (f" in [{i['min']:.3g}, {i['max']:.3g}]" if "min" in i else "")
+                                  for i in data["inputs"])
+                lines.append(f"validation inputs: {data['source']}: {shown}")
             vrow = [["output", "max abs", "max rel", "cosine", "top-1 agree"]]
             for o in v["outputs"]:
                 vrow.append([o["name"], f"{o['max_abs']:.3g}", f"{o['max_rel']:.3g}", f"{o['cosine']:.6f}",
@@ -172,24 +201,37 @@ def format_report(r: Report, totals: bool = True) -> str:
         lines.append(f"note: {n}")
     for w in r.warnings:
         lines.append(f"warning: {w}")
+    if r.refused:
+        lines.append(f"result: REFUSED, nothing written: {r.refused}")
     if totals:
         lines.append(f"total time: {r.seconds:.2f} s")
     return "\n".join(lines)
 
 
 class Progress:
-    """A one-line status on stderr for work that takes more than a moment (only on a terminal)."""
+    """Status of long work on stderr: a live line on a terminal, a plain line every ``interval`` seconds
+    otherwise (a log or CI shows that the run is alive and where it is)."""
 
-    def __init__(self, enabled: bool = True, min_seconds: float = 1.0) -> None:
-        self.enabled = enabled and sys.stderr.isatty()
+    def __init__(self, enabled: bool = True, min_seconds: float = 1.0, interval: float | None = None) -> None:
+        self.tty = sys.stderr.isatty()
+        self.enabled = enabled
         self.start = time.perf_counter()
         self.min_seconds = min_seconds
+        self.interval = float(os.environ.get("ONNXSLIM_PROGRESS_INTERVAL", "30")) if interval is None else interval
+        self.last_plain = self.start
         self.shown = False
 
     def __call__(self, msg: str) -> None:
         if not self.enabled:
             return
-        elapsed = time.perf_counter() - self.start
+        now = time.perf_counter()
+        elapsed = now - self.start
+        if not self.tty:
+            if now - self.last_plain >= self.interval:
+                self.last_plain = now
+                sys.stderr.write(f"onnxslim: [{elapsed:.0f} s] {msg}\n")
+                sys.stderr.flush()
+            return
         if elapsed < self.min_seconds and not self.shown:
             return
         self.shown = True
@@ -200,3 +242,4 @@ class Progress:
         if self.shown:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
+            self.shown = False

@@ -7,6 +7,7 @@ is written.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,21 +224,118 @@ def latency_feeds(model: ModelProto, input_shapes: dict[str, list[int]] | None =
     return out
 
 
-def load_inputs(path: str | Path, model: ModelProto) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Inputs from an .npz whose keys are input names; an optional ``labels`` key is returned apart."""
-    path = Path(path)
+def _read_pb_folder(path: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """An ONNX test-data folder (``input_0.pb``, ``input_1.pb`` ...; ``test_data_set_*`` of them are joined
+    along the batch axis when the model's batch is dynamic, else the first set is used)."""
+    from onnx import numpy_helper
+
+    sets = sorted(p for p in path.glob("test_data_set_*") if p.is_dir()) or [path]
+    feeds_per_set = []
+    for folder in sets:
+        files = sorted(folder.glob("input_*.pb"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
+        if not files:
+            raise InputError(f"--inputs '{path}': no input_N.pb files in '{folder}'")
+        arrays = {}
+        for i, f in enumerate(files):
+            t = onnx.TensorProto()
+            try:
+                t.ParseFromString(f.read_bytes())
+                arr = numpy_helper.to_array(t)
+            except Exception as e:  # noqa: BLE001 - not a TensorProto
+                raise InputError(f"--inputs '{f}': not a serialized ONNX tensor ({type(e).__name__})") from None
+            name = t.name or (names[i] if i < len(names) else f"input_{i}")
+            arrays[name] = arr
+        feeds_per_set.append(arrays)
+    if len(feeds_per_set) == 1:
+        return feeds_per_set[0]
     try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise InputError(f"--inputs '{path}': cannot read as .npz ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        return {k: np.concatenate([fs[k] for fs in feeds_per_set]) for k in feeds_per_set[0]}
+    except (KeyError, ValueError):
+        return feeds_per_set[0]  # sets that do not stack (e.g. fixed batch): validate on the first
+
+
+def check_feeds(feeds: dict[str, np.ndarray], model: ModelProto, what: str) -> None:
+    """Each array has its input's element type and rank, and fits its fixed dims: one line naming the problem."""
+    specs = input_specs(model)
+    for name, (dtype, dims) in specs.items():
+        arr = feeds[name]
+        if arr.dtype != dtype:
+            if (arr.dtype.kind == "f" and dtype.kind == "f") or (arr.dtype.kind in "iu" and dtype.kind in "iu"):
+                feeds[name] = arr = arr.astype(dtype)  # float64 data for a float32 input: same values
+            else:
+                raise InputError(f"{what}: input '{name}' is {arr.dtype}, the model expects {dtype}")
+        if arr.ndim != len(dims):
+            raise InputError(f"{what}: input '{name}' has shape {list(arr.shape)} (rank {arr.ndim}), the model "
+                             f"expects rank {len(dims)} {['?' if not isinstance(d, int) else d for d in dims]}")
+        for i, (got, want) in enumerate(zip(arr.shape, dims)):
+            if isinstance(want, int) and want > 0 and got != want and not (i == 0 and want == 1):
+                raise InputError(f"{what}: input '{name}' has shape {list(arr.shape)}, the model fixes dim {i} to {want}")
+
+
+def load_inputs(path: str | Path, model: ModelProto) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Validation inputs: an .npz whose keys are input names (optional ``labels``), an .npy for a
+    single-input model, or an ONNX test-data folder (``input_N.pb``). Checked against the model's inputs."""
+    path = Path(path)
     names = [vi.name for vi in graph_inputs(model)]
-    feeds = {k: data[k] for k in data.files if k != "labels"}
+    what = f"--inputs '{path}'"
+    labels = None
+    if not path.exists():
+        raise InputError(f"{what}: no such file or folder")
+    if path.is_dir():
+        feeds = _read_pb_folder(path, names)
+    elif path.suffix.lower() == ".npy":
+        if len(names) != 1:
+            raise InputError(f"{what}: an .npy holds one array, the model has {len(names)} inputs {names}; use .npz")
+        try:
+            feeds = {names[0]: np.load(path, allow_pickle=False)}
+        except (OSError, ValueError) as e:
+            raise InputError(f"{what}: cannot read as .npy ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    else:
+        try:
+            data = np.load(path, allow_pickle=False)
+            if not hasattr(data, "files"):
+                raise ValueError("an .npy array, not an .npz archive")
+            feeds = {k: data[k] for k in data.files if k != "labels"}
+            labels = data["labels"] if "labels" in data.files else None
+        except (OSError, ValueError, EOFError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise InputError(f"{what}: cannot read as .npz ({msg.split('. ')[0]})") from None
     missing = [n for n in names if n not in feeds]
     extra = [k for k in feeds if k not in names]
     if missing or extra:
-        raise InputError(f"--inputs '{path}': keys {sorted(feeds)} do not match the model's inputs {names}")
-    labels = data["labels"] if "labels" in data.files else None
+        raise InputError(f"{what}: keys {sorted(feeds)} do not match the model's inputs {names}")
+    check_feeds(feeds, model, what)
+    n = {v.shape[0] for v in feeds.values() if v.ndim}
+    if labels is not None and (labels.ndim != 1 or (n and labels.shape[0] not in n)):
+        raise InputError(f"{what}: 'labels' has shape {list(labels.shape)}; expected one class id per sample")
     return feeds, labels
+
+
+def describe_feeds(feeds: dict[str, np.ndarray], source: str) -> dict[str, Any]:
+    """What validation ran on, for the report: source, samples, and per input shape, dtype and range."""
+    n = next((int(v.shape[0]) for v in feeds.values() if v.ndim), 1)
+    inputs = []
+    for k, v in feeds.items():
+        row: dict[str, Any] = {"name": k, "shape": list(v.shape), "dtype": str(v.dtype)}
+        if v.size and v.dtype.kind in "biuf":
+            row["min"], row["max"] = float(np.nanmin(v)), float(np.nanmax(v))
+        inputs.append(row)
+    return {"source": source, "samples": n, "inputs": inputs}
+
+
+def degenerate_outputs(outputs: list[tuple[str, np.ndarray]]) -> list[str]:
+    """Outputs of the original that cannot tell a good model from a bad one on these inputs."""
+    bad = []
+    for name, a in outputs:
+        if a.dtype.kind not in "fc" or a.size == 0:
+            continue
+        if np.isnan(a).any():
+            bad.append(f"output '{name}' of the original has NaN values on the validation inputs")
+        elif not np.any(a):
+            bad.append(f"output '{name}' of the original is all zero on the validation inputs")
+        elif a.size > 1 and np.all(a == a.reshape(-1)[0]):
+            bad.append(f"output '{name}' of the original is constant on the validation inputs")
+    return bad
 
 
 @dataclass
@@ -267,6 +365,7 @@ class ValidationResult:
     accuracy_after: float | None = None
     samples: int = 0
     skipped: str | None = None
+    warnings: list[str] = field(default_factory=list)  # e.g. outputs that are constant on these inputs
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -394,7 +493,8 @@ def compare_models(original: ModelProto | str | Path, optimized: ModelProto | st
     if names_a != names_b:
         return ValidationResult(False, f"output names differ: {names_a} vs {names_b}", mode="lossy" if lossy else "lossless")
     metrics = [output_metrics(nm, a, b, atol, rtol) for nm, a, b in zip(names_a, outs_a, outs_b)]
-    res = ValidationResult(True, "", metrics, mode="lossy" if lossy else "lossless", samples=int(n))
+    res = ValidationResult(True, "", metrics, mode="lossy" if lossy else "lossless", samples=int(n),
+                           warnings=degenerate_outputs(list(zip(names_a, outs_a))))
     bad_shape = [m for m in metrics if m.shape != m.shape_optimized]
     if bad_shape:
         m = bad_shape[0]

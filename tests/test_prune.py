@@ -49,7 +49,7 @@ def run(model: onnx.ModelProto, x: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 def prune(model: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, dict]:
     options.setdefault("round_to", 1)
-    out, report = optimize(model, None, passes="prune", validate=False, latency=False,
+    out, report = optimize(model, None, passes="prune", validate=False, latency=False, auto_lossless=False,
                            options={"latency": False, **options})
     return out, report.extra.get("prune", {})
 
