@@ -198,6 +198,8 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
         names, prepended = with_lossless_first(names)
     registry = load_passes()
     lossy = any(not registry[n].lossless for n in names)
+    if latency is not None:
+        options["latency"] = latency  # the same switch for every pass's own timing and the final table
     if min_cosine is not None:
         options["min_cosine"] = min_cosine
     if max_acc_drop is not None:

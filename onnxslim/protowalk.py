@@ -93,3 +93,20 @@ def model_stats(model: ModelProto) -> dict[str, int]:
             if t.name in read and t.name not in seen:
                 seen[t.name] = tensor_nbytes(t)
     return {"nodes": nodes, "initializers": len(seen), "bytes": sum(seen.values())}
+
+
+def opset_of(model: ModelProto) -> int:
+    """The model's default-domain opset version (0 when it imports none)."""
+    return next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 0)
+
+
+def prune_opsets(model: ModelProto) -> None:
+    """Drop opset imports no node uses. onnxruntime's optimizer and converters write every domain they
+    know (ai.onnx.ml, training, contrib ...) into the model; they would end up in the output."""
+    used = {""} | {n.domain for n in iter_nodes(model.graph)}
+    for f in model.functions:
+        used.add(f.domain)
+        used.update(n.domain for n in f.node)
+    keep = [o for o in model.opset_import if o.domain in used or (o.domain == "ai.onnx" and "" in used)]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)

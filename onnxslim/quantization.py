@@ -17,9 +17,7 @@ The passes (quantize-static, quantize-dynamic) only choose settings and call ``Q
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import logging
 import math
 import platform
 import tempfile
@@ -33,6 +31,8 @@ from onnx import ModelProto
 
 from onnxslim.calibration import CalibrationData
 from onnxslim.errors import InputError
+from onnxslim.protowalk import opset_of, prune_opsets  # noqa: F401 - part of this module's interface
+from onnxslim.runtime import quiet_ort  # noqa: F401
 from onnxslim.validate import compare_models, make_inputs, static_batch
 
 PER_CHANNEL_MIN_OPSET = 13  # DequantizeLinear gained 'axis' in opset 13
@@ -191,37 +191,6 @@ def calib_reader(data: CalibrationData, model: ModelProto):
 
 # ---------------------------------------------------------------------------------- model preparation
 
-@contextlib.contextmanager
-def quiet_ort() -> Iterator[list[str]]:
-    """Silence onnxruntime.quantization's advice on the root logger; collect its errors instead."""
-    errors: list[str] = []
-
-    class Catch(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.levelno >= logging.ERROR:
-                errors.append(record.getMessage().splitlines()[0])
-
-    handler = Catch()
-    root = logging.getLogger()
-    old = root.level
-    prev_disable = logging.root.manager.disable
-    loggers = [root, logging.getLogger("onnxruntime.quantization.shape_inference")]
-    for lg in loggers:
-        lg.addHandler(handler)
-    logging.disable(logging.WARNING)  # drops WARNING and below everywhere, keeps ERROR for Catch
-    try:
-        yield errors
-    finally:
-        logging.disable(prev_disable)
-        for lg in loggers:
-            lg.removeHandler(handler)
-        root.setLevel(old)
-
-
-def opset_of(model: ModelProto) -> int:
-    return next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 0)
-
-
 def name_nodes(model: ModelProto) -> int:
     """Give unnamed nodes unique names: exclusion lists and per-node reports need them."""
     used = {n.name for n in model.graph.node if n.name}
@@ -278,20 +247,6 @@ def preprocess(model: ModelProto) -> tuple[ModelProto, str]:
             except Exception as e:  # noqa: BLE001 - third-party shape inference crashes in many ways
                 failures.append(f"{what.split(' +')[0]} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     return model, f"pre-processing skipped: {'; '.join(failures)}"
-
-
-def prune_opsets(model: ModelProto) -> None:
-    """Drop opset imports no node uses. onnxruntime's optimizer (pre-processing) writes every domain it
-    knows (ai.onnx.ml, training, contrib ...) into the model; they would end up in the output."""
-    from onnxslim.graph import iter_proto_nodes
-
-    used = {""} | {n.domain for n in iter_proto_nodes(model.graph)}
-    for f in model.functions:
-        used.add(f.domain)
-        used.update(n.domain for n in f.node)
-    keep = [o for o in model.opset_import if o.domain in used or (o.domain == "ai.onnx" and "" in used)]
-    del model.opset_import[:]
-    model.opset_import.extend(keep)
 
 
 def depthwise_convs(model: ModelProto) -> list[str]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import onnxruntime as ort
@@ -14,6 +16,32 @@ from onnx import ModelProto
 
 from onnxslim.errors import InputError
 from onnxslim.model import PROTO_LIMIT
+
+@contextlib.contextmanager
+def quiet_ort() -> Iterator[list[str]]:
+    """Silence onnxruntime's Python tools' advice on the root logger (quantization, float16, shape
+    inference: it would break "one line on stderr"); collect their errors instead."""
+    errors: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.ERROR:
+                errors.append(record.getMessage().splitlines()[0])
+
+    handler = Catch()
+    root = logging.getLogger()
+    prev_disable = logging.root.manager.disable
+    loggers = [root, logging.getLogger("onnxruntime.quantization.shape_inference")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    logging.disable(logging.WARNING)  # drops WARNING and below everywhere, keeps ERROR for Catch
+    try:
+        yield errors
+    finally:
+        logging.disable(prev_disable)
+        for lg in loggers:
+            lg.removeHandler(handler)
+
 
 ort.set_default_logger_severity(4)  # errors reach us as exceptions; C++ log lines would break "one line on stderr"
 

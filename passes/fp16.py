@@ -15,8 +15,9 @@ from onnx import ModelProto
 
 from onnxslim.manager import Context, Pass, PassResult, register
 from onnxslim.options import option
-from onnxslim.runtime import speed_gate
-from onnxslim.quantization import latency_batches, measure_speed, opset_of, prune_opsets, quiet_ort
+from onnxslim.protowalk import opset_of, prune_opsets
+from onnxslim.runtime import latency_table, quiet_ort, speed_gate
+from onnxslim.validate import latency_feeds
 
 
 @dataclass(frozen=True)
@@ -49,19 +50,21 @@ class Float16(Pass):
             notes.append(f"kept in float32 (--fp16-block-ops): {', '.join(extra)}")
         details: dict = {"size_ratio": round(size_x, 4), "keep_io_types": bool(keep_io), "block_ops": extra,
                          "opset": opset_of(out)}
-        try:
-            speed = measure_speed(model, out, ctx.input_shapes, latency_batches(model))
-            details["latency"] = {f"batch{b}": v for b, v in speed.items()}
-            txt = ", ".join(f"batch {b}: {1 / v['speedup']:.2f}x the float32 latency" for b, v in speed.items())
-            notes.append(txt)
-            if any(v["speedup"] < 1.0 for v in speed.values()):
+        if ctx.run.latency is not False:
+            table = latency_table(model, out, latency_feeds(model, ctx.input_shapes, ctx.inputs),
+                                  custom_op_library=ctx.custom_op_library)
+            details["latency"] = table
+            timed = {k: v for k, v in table.items() if "ratio" in v}
+            txt = ", ".join(f"{k.replace('batch', 'batch ')}: {v['ratio']:.2f}x the float32 latency"
+                            for k, v in timed.items())
+            if txt:
+                notes.append(txt)
+            if any(v["ratio"] > 1.0 for v in timed.values()):
                 ctx.warn(f"fp16: not faster than float32 on this CPU ({txt}); it is smaller ({size_x:.2f}x)")
-            # fp16 has no speed gate by default: it is chosen for its size (onnxruntime on x86 has few fp16 kernels).
+            # No speed gate unless asked: fp16 is chosen for its size (onnxruntime on x86 has few fp16 kernels).
             if "min_speedup" in ctx.given and ctx.run.objective != "size":
-                failure = speed_gate("fp16", {b: v["speedup"] for b, v in speed.items()}, ctx.run.min_speedup)
+                failure = speed_gate("fp16", table, ctx.run.min_speedup)
                 if failure:
                     ctx.gate_failures.append(failure)
-        except Exception as e:  # noqa: BLE001 - timing informs; validation decides
-            details["latency_error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
         return PassResult(changed=True, stats={"size_ratio": round(size_x, 4)}, notes=notes, model=out,
                           details=details)
