@@ -283,7 +283,7 @@ def optimize_cmd(input_path: str, output_path: str, passes: str, input_shape: tu
     from onnxslim.api import optimize
     from onnxslim.report import Progress, format_report
 
-    if Path(input_path).is_dir():
+    if Path(input_path).is_dir() and not input_path.rstrip("/").endswith(".onnx"):
         from onnxslim.folder import run_folder
 
         if json_path:

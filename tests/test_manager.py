@@ -245,7 +245,8 @@ def test_no_pass_imports_the_api() -> None:
 def test_protowalk_and_weights_have_no_import_cycle() -> None:
     """protowalk imports nothing from onnxslim; weights imports only protowalk."""
     core = Path(onnxslim.__file__).parent
-    assert "from onnxslim" not in (core / "protowalk.py").read_text()
+    assert not [ln for ln in (core / "protowalk.py").read_text().splitlines()
+                if ln.startswith(("from onnxslim", "import onnxslim"))]
     imports = [ln for ln in (core / "weights.py").read_text().splitlines() if "from onnxslim" in ln]
     assert imports == ["from onnxslim.protowalk import iter_tensors"]
     code = "import onnxslim.weights, onnxslim.model; print('ok')"  # either order, fresh interpreter
@@ -281,7 +282,7 @@ def test_generated_integer_inputs_stay_inside_their_tables() -> None:
     g = helper.make_graph(nodes, "bert-ish", [
         helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["batch", "seq"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])],
         [table, helper.make_tensor("ax", TensorProto.INT64, [1], [2])])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     assert index_bounds(m) == {"token_type_ids": 2, "attention_mask": 2}
