@@ -454,6 +454,23 @@ def inspect_model(model: str | os.PathLike | ModelProto) -> dict[str, Any]:
     }
 
 
+def _fixed_by(original: ModelProto, optimized: ModelProto) -> dict[str, list[int]]:
+    """Inputs whose dynamic dims the optimized model fixed: name -> the optimized model's full shape."""
+    from onnxslim.validate import input_specs
+
+    try:
+        a, b = input_specs(original), input_specs(optimized)
+    except NotValidatable:
+        return {}
+    out = {}
+    for name, (_, dims) in a.items():
+        other = b.get(name, (None, None))[1]
+        if other and len(other) == len(dims) and all(isinstance(d, int) and d > 0 for d in other) and \
+                any(not isinstance(d, int) or d <= 0 for d in dims):
+            out[name] = list(other)
+    return out
+
+
 def validate_files(original: str | os.PathLike, optimized: str | os.PathLike, *,
                    inputs: str | os.PathLike | None = None, input_shapes: dict[str, list[int]] | None = None,
                    atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, lossy: bool = False,
@@ -468,8 +485,12 @@ def validate_files(original: str | os.PathLike, optimized: str | os.PathLike, *,
     if inputs is not None:
         feeds, labels = load_inputs(inputs, a.proto)
     else:
+        # Dims the optimized model fixed (optimize --input-shape) shape the data, so a model made for
+        # 1x3x224x224 is compared on such inputs rather than refused for "invalid dimensions".
+        shapes = dict(_fixed_by(a.proto, b.proto))
+        shapes.update(input_shapes or {})
         try:
-            feeds, labels = make_inputs(a.proto, input_shapes or {}), None
+            feeds, labels = make_inputs(a.proto, shapes), None
         except NotValidatable as e:
             raise InputError(f"cannot build inputs: {e}; give --inputs") from None
     b_src: ModelProto | Path = b.path if b.path is not None else b.proto

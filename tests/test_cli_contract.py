@@ -215,3 +215,11 @@ def test_json_of_other_commands_is_standard(cmd: list, tmp_path: Path) -> None:
     r = cli(*cmd, "--json", tmp_path / "r.json")
     assert r.returncode == 0, r.stderr
     strict_loads((tmp_path / "r.json").read_text())
+
+
+def test_validate_uses_the_shape_the_optimized_model_fixed(tmp_path: Path) -> None:
+    fixed = tmp_path / "fixed.onnx"
+    assert cli(CNN, fixed, "--input-shape", "input:2,3,16,16", "-q").returncode == 0
+    r = cli("validate", CNN, fixed, "--json", tmp_path / "v.json")
+    assert r.returncode == 0, r.stderr
+    assert strict_loads((tmp_path / "v.json").read_text())["samples"] == 2
