@@ -85,6 +85,24 @@ QUANT_OPTIONS = [
 ]
 
 
+# Until the CLI options are generated from the passes' option dataclasses (passes/distill.py DistillOptions).
+DISTILL_OPTIONS = [
+    click.option("--distill-steps", type=click.IntRange(min=1), help="distill: training steps (default 300)."),
+    click.option("--distill-time", type=click.FloatRange(min=0.0), help="distill: time limit in seconds (0 = none)."),
+    click.option("--distill-lr", type=click.FloatRange(min=0.0), help="distill: Adam learning rate (default 3e-3)."),
+    click.option("--distill-batch", type=click.IntRange(min=1), help="distill: batch size (default 32)."),
+    click.option("--distill-seed", type=click.IntRange(min=0), help="distill: seed (default 0)."),
+    click.option("--distill-temperature", type=click.FloatRange(min=0.0), help="distill: KD temperature (default 2)."),
+    click.option("--distill-holdout", type=click.FloatRange(0.0, 0.9), help="distill: held-out fraction (default 0.2)."),
+    click.option("--distill-loss", type=click.Choice(["auto", "kl", "mse"]), help="distill: output loss (default auto)."),
+    click.option("--distill-feature-weight", type=click.FloatRange(min=0.0), help="distill: feature-matching weight (default 0.5)."),
+    click.option("--distill-label-weight", type=click.FloatRange(min=0.0), help="distill: label cross-entropy weight (default 0.5)."),
+    click.option("--distill-augment/--no-distill-augment", default=None, help="distill: augmentation (default on)."),
+    click.option("--distill-patience", type=click.IntRange(min=1), help="distill: evaluations without improvement before stopping (default 5)."),
+    click.option("--distill-threads", type=click.IntRange(min=1), help="distill: torch threads (default 1)."),
+]
+
+
 class _DefaultGroup(click.Group):
     """``onnxslim IN OUT`` runs the ``optimize`` command; subcommands are matched first."""
 
@@ -119,7 +137,7 @@ def cli() -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.option("--fold-size-limit", type=str,
               help="Constant folding: largest tensor a fold may add, e.g. 4MB (default); folds that do not grow the model always run.")
-@_options(CALIB_OPTIONS + GATE_OPTIONS + PRUNE_OPTIONS + QUANT_OPTIONS)
+@_options(CALIB_OPTIONS + GATE_OPTIONS + PRUNE_OPTIONS + QUANT_OPTIONS + DISTILL_OPTIONS)
 def optimize_cmd(input_path: str, output_path: str, passes: str, input_shape: tuple[str, ...], inputs: str | None,
                  atol: float, rtol: float, no_validate: bool, check_each_pass: bool, force: bool,
                  json_path: str | None, custom_op_library: str | None, quiet: bool, debug: bool,
