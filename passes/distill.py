@@ -28,8 +28,9 @@ class DistillOptions:
     distill_time: float = field(default=0.0, metadata={
         "help": "Time limit in seconds (0 = none; a run stopped by time is not reproducible step for step).",
         "min": 0.0})
-    distill_lr: float = field(default=3e-3, metadata={"help": "Adam learning rate (warm-up, cosine decay).",
-                                                      "min": 0.0})
+    distill_lr: float | None = field(default=None, metadata={
+        "help": "Adam learning rate (warm-up, cosine decay); default 3e-3, 3e-4 on a quantized (QDQ) model.",
+        "min": 0.0})
     distill_batch: int = field(default=32, metadata={"help": "Batch size.", "min": 1})
     distill_seed: int = field(default=0, metadata={"help": "Seed: split, order, augmentation.", "min": 0})
     distill_temperature: float = field(default=2.0, metadata={"help": "KD temperature on score outputs.",
@@ -44,7 +45,7 @@ class DistillOptions:
         "help": "Weight of the cross-entropy on --calib labels (when given).", "min": 0.0})
     distill_augment: bool = field(default=True, metadata={
         "help": "Augment: mixup + noise on images, token dropout on ids."})
-    distill_patience: int = field(default=5, metadata={
+    distill_patience: int = field(default=8, metadata={
         "help": "Held-out evaluations without improvement before stopping early.", "min": 1})
     distill_threads: int = field(default=1, metadata={"help": "torch threads (fixed for reproducibility).",
                                                       "min": 1})
@@ -81,7 +82,7 @@ class Distill(Pass):
         calib = ctx.calibration(model, required=True)
         if not calib.measured:
             ctx.warn("distill: random calibration data: the student learns the teacher on noise")
-        cfg = DistillConfig(steps=opts.distill_steps, time_limit=opts.distill_time, lr=opts.distill_lr,
+        cfg = DistillConfig(steps=opts.distill_steps, time_limit=opts.distill_time, lr=opts.distill_lr,  # None: by model kind
                             batch=opts.distill_batch, seed=opts.distill_seed,
                             temperature=opts.distill_temperature, holdout=opts.distill_holdout,
                             loss=opts.distill_loss, feature_weight=opts.distill_feature_weight,
