@@ -23,7 +23,9 @@ The held-out loss (the report's and early stopping's) is the output term alone, 
 
 Data: samples are split once (seeded) into training and held-out parts. Float 4-D inputs get mixup with
 probability 1/2 (lambda ~ Beta(0.4, 0.4), the teacher labels the mixed image, labels mix in the
-cross-entropy) and all float inputs a small gaussian noise (5% of the input's std); integer token inputs
+cross-entropy) and a random translation with probability 1/2 (up to 1/8 of the height/width, edge pixels
+repeated; the teacher labels the shifted image, so this is safe for dense outputs too), and all float
+inputs a small gaussian noise (5% of the input's std); integer token inputs
 (more than two distinct values) get token dropout: 10% of the ids, never the first position nor a masked
 one (an integer input of 0/1 values of the same shape is taken as the mask), are replaced by another id
 from the batch. Masks are never changed. The teacher runs in onnxruntime on every augmented batch, so
@@ -58,6 +60,7 @@ FEATURE_OPS = {"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "
                "LayerNormalization", "Softmax", "Mul"}
 MAX_FEATURES = 8
 MIXUP_PROB, MIXUP_ALPHA, NOISE_REL, TOKEN_DROP = 0.5, 0.4, 0.05, 0.10
+SHIFT_PROB, SHIFT_FRAC = 0.5, 1 / 8  # random translation of 4-D inputs by up to 1/8 of each spatial size
 # Steps on a fixed rounding grid are noisy: quantization-aware training takes a 10x smaller learning rate
 # (measured on the digits CNN with coarse activations: 3e-3 never beat PTQ in 120 steps, 3e-4 did).
 LR_FLOAT, LR_QAT = 3e-3, 3e-4
@@ -155,6 +158,13 @@ def _is_prob(t: np.ndarray) -> bool:
     return bool(t.min() >= 0 and t.max() <= 1 and np.allclose(t.sum(-1), 1, atol=1e-3))
 
 
+def _shift(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Translate NCHW images by (dy, dx) pixels, repeating the edge into the uncovered border."""
+    h, w = x.shape[2], x.shape[3]
+    p = np.pad(x, ((0, 0), (0, 0), (abs(dy), abs(dy)), (abs(dx), abs(dx))), mode="edge")
+    return np.ascontiguousarray(p[:, :, abs(dy) - dy:abs(dy) - dy + h, abs(dx) - dx:abs(dx) - dx + w])
+
+
 class _Regressor(torch.nn.Module):
     """A linear map along one axis (student channels -> teacher channels)."""
 
@@ -222,6 +232,11 @@ class _Trainer:
             perm = self.rng.permutation(n)
             for k in images:
                 out[k] = (lam * feeds[k] + (1 - lam) * feeds[k][perm]).astype(feeds[k].dtype)
+        if images and self.rng.rand() < SHIFT_PROB:
+            dy, dx = (int(self.rng.randint(-r, r + 1)) for r in
+                      (max(1, int(feeds[images[0]].shape[d] * SHIFT_FRAC)) for d in (2, 3)))
+            for k in images:
+                out[k] = _shift(out[k], dy, dx)
         for k, v in out.items():
             if v.dtype.kind == "f":
                 out[k] = (v + self.rng.standard_normal(v.shape) * self.noise[k]).astype(v.dtype)
