@@ -360,7 +360,7 @@ def _clip(m, n, a, x):
     hi = x[2] if len(x) > 2 and x[2] is not None else a.get("max")
     lo = lo.item() if isinstance(lo, torch.Tensor) else lo
     hi = hi.item() if isinstance(hi, torch.Tensor) else hi
-    return [torch.clamp(x[0], lo, hi)]
+    return [x[0] if lo is None and hi is None else torch.clamp(x[0], lo, hi)]
 
 
 @_op("Gelu")
@@ -452,7 +452,7 @@ def _convt(m, n, a, x):
     dil = list(a.get("dilations", [1] * k))
     opad = list(a.get("output_padding", [0] * k))
     kernel = list(a.get("kernel_shape", w.shape[2:]))
-    y = _CONVT[k](inp, w, b, strides, 0, opad, int(a.get("group", 1)), dil)
+    y = _CONVT[k](inp, w, None, strides, 0, opad, int(a.get("group", 1)), dil)
     full = list(y.shape[2:])
     auto = a.get("auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
@@ -469,8 +469,15 @@ def _convt(m, n, a, x):
         begin, end = p[:k], p[k:]
     del kernel
     for i in range(k):
+        if begin[i] < 0 or end[i] < 0:  # output_shape beyond the full result: zeros (then the bias)
+            pad = [0, 0] * (k - 1 - i) + [max(0, -begin[i]), max(0, -end[i])]
+            y = F.pad(y, pad)
+            full[i] = y.shape[2 + i]
+            begin[i], end[i] = max(0, begin[i]), max(0, end[i])
         if begin[i] or end[i]:
             y = y.narrow(2 + i, begin[i], full[i] - begin[i] - end[i])
+    if b is not None:
+        y = y + b.reshape([1, -1] + [1] * k)
     return [y]
 
 
@@ -833,7 +840,7 @@ def _pad(m, n, a, x):
 
 # -- Resize: separable index arithmetic, exactly as the ONNX reference computes coordinates -------------
 
-def _coord(mode: str, out_idx: np.ndarray, scale: float, in_len: int, out_len: int) -> np.ndarray:
+def _coord(mode: str, out_idx: np.ndarray, scale: float, in_len: int, out_len: float) -> np.ndarray:
     if mode == "half_pixel":
         return (out_idx + 0.5) / scale - 0.5
     if mode == "pytorch_half_pixel":
@@ -881,17 +888,19 @@ def _resize(m, n, a, x):
     in_shape = list(t.shape)
     axes = [ax % t.dim() for ax in a.get("axes", range(t.dim()))]
     sizes, scales = list(in_shape), [1.0] * t.dim()
+    lengths: list[float] = [float(v) for v in in_shape]  # the reference maps coordinates with in * scale
     if sizes_t is not None and sizes_t.numel():
         for ax, o in zip(axes, _ints(sizes_t)):
-            sizes[ax], scales[ax] = o, o / in_shape[ax]
+            sizes[ax], scales[ax], lengths[ax] = o, o / in_shape[ax], float(o)
     else:
         for ax, sc in zip(axes, scales_t.reshape(-1).tolist()):
             sizes[ax], scales[ax] = int(math.floor(in_shape[ax] * sc)), float(sc)
+            lengths[ax] = in_shape[ax] * float(sc)
     for ax in range(t.dim()):
         if sizes[ax] == in_shape[ax] and scales[ax] == 1.0:
             continue
         out_idx = np.arange(sizes[ax], dtype=np.float64)
-        src = _coord(ctm, out_idx, scales[ax], in_shape[ax], sizes[ax])
+        src = _coord(ctm, out_idx, scales[ax], in_shape[ax], lengths[ax])
         if mode == "nearest":
             idx = np.clip(_nearest(src, nmode), 0, in_shape[ax] - 1).astype(np.int64)
             t = t.index_select(ax, torch.from_numpy(idx))
