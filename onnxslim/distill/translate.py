@@ -40,7 +40,7 @@ from onnxslim.errors import InputError
 
 _TORCH_DTYPES: dict[int, torch.dtype] = {
     TensorProto.FLOAT: torch.float32, TensorProto.DOUBLE: torch.float64, TensorProto.FLOAT16: torch.float16,
-    TensorProto.BFLOAT16: torch.bfloat16, TensorProto.INT8: torch.int8, TensorProto.UINT8: torch.uint8,
+    TensorProto.INT8: torch.int8, TensorProto.UINT8: torch.uint8,
     TensorProto.INT16: torch.int16, TensorProto.INT32: torch.int32, TensorProto.INT64: torch.int64,
     TensorProto.BOOL: torch.bool,
 }
@@ -145,6 +145,15 @@ class OnnxModule(torch.nn.Module):
             if n.op_type not in _OPS:
                 raise _untranslatable(n)
             _attrs(n)  # subgraph attributes are refused here, before any work
+        for vi in g.input:
+            et = vi.type.tensor_type.elem_type if vi.type.HasField("tensor_type") else -1
+            if vi.name not in inits and et not in _TORCH_DTYPES:
+                raise InputError(f"distill: cannot translate input '{vi.name}' (element type {et} has no torch "
+                                 "equivalent here)")
+        for name, t in inits.items():
+            if t.data_type not in _TORCH_DTYPES and t.data_type not in _QRANGE:
+                raise InputError(f"distill: cannot translate initializer '{name}' (element type {t.data_type} has "
+                                 "no torch equivalent here)")
         trainable, shadows = self._trainable(inits)
         self.param_names: list[str] = []
         self.params = torch.nn.ParameterList()
@@ -725,6 +734,8 @@ def _cos(m, n, a, x):
 
 @_op("Dropout")
 def _dropout(m, n, a, x):
+    if len(x) > 2 and x[2] is not None and bool(x[2].reshape(-1)[0]):
+        raise _untranslatable(n, "training-mode Dropout (random)")
     return [x[0], torch.ones_like(x[0], dtype=torch.bool)]
 
 
