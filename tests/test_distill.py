@@ -251,3 +251,57 @@ def test_qat_improves_on_ptq(ptq: onnx.ModelProto) -> None:
     assert outcome.after.loss < outcome.before.loss
     qat_acc = _accuracy(qat)
     assert qat_acc > ptq_acc + 1, (ptq_acc, qat_acc)
+
+
+# -- engine details --------------------------------------------------------------------------------------
+
+def _token_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    table = numpy_helper.from_array(rng.standard_normal((50, 8)).astype(np.float32), "table")
+    w = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w")
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+         helper.make_node("Cast", ["mask"], ["maskf"], to=TensorProto.FLOAT, name="cast"),
+         helper.make_node("Unsqueeze", ["maskf", "ax"], ["mask3"], name="unsq"),
+         helper.make_node("Mul", ["emb", "mask3"], ["masked"], name="apply_mask"),
+         helper.make_node("MatMul", ["masked", "w"], ["h"], name="proj"),
+         helper.make_node("ReduceMean", ["h"], ["out"], axes=[1], keepdims=0, name="pool")],
+        "tokens", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 6]),
+                   helper.make_tensor_value_info("mask", TensorProto.INT64, ["N", 6])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4])],
+        [table, w, numpy_helper.from_array(np.array([2], np.int64), "ax")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_token_dropout_keeps_masks_and_first_position() -> None:
+    from onnxslim.distill.train import _Trainer
+
+    m = _token_model()
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1, 50, (40, 6)).astype(np.int64)
+    mask = np.ones((40, 6), np.int64)
+    mask[:, 4:] = 0
+    tr = _Trainer(m, m, {"ids": ids, "mask": mask}, None, DistillConfig(steps=5, loss="mse"), lambda s: None)
+    assert tr.tokens == ["ids"] and tr.masks == {"ids": "mask"}
+    feeds = tr.take(np.arange(40))
+    out, _, _ = tr.augment(feeds)
+    changed = out["ids"] != feeds["ids"]
+    assert changed.any() and changed.mean() < 0.3
+    assert not changed[:, 0].any() and not changed[mask == 0].any()
+    assert np.array_equal(out["mask"], feeds["mask"])
+    assert np.isin(out["ids"][changed], feeds["ids"][:, :4]).all()
+    # 'out' is [N, 4] scores-shaped but distill_loss=mse was asked for; the table (a Gather) is not trained.
+    assert tr.kinds == {"out": "mse"} and "table" not in tr.module.param_names and "w" in tr.module.param_names
+
+
+def test_mse_output_time_limit_and_never_worse() -> None:
+    """A non-classifier (3-D output, MSE), stopped by the time limit: the kept state is never worse."""
+    s, _ = optimize(str(MODELS / "struct_transformer.onnx"), None, passes="lossless,prune", validate=False,
+                    latency=False, options={"prune_ratio": 0.5, "calib": "random", "calib_size": 64,
+                                            "latency": False})
+    t = onnx.load(str(MODELS / "struct_transformer.onnx"))
+    x = np.random.default_rng(0).random((64, 16, 64)).astype(np.float32)
+    o = distill(s, t, {"input": x}, None, DistillConfig(steps=100000, time_limit=2.0, patience=10**6))
+    assert o.stopped == "time" and 0 < o.steps < 100000
+    assert o.outputs == {"output": "mse"} and o.after.loss <= o.before.loss
+    assert 0.0 < o.after.cosine <= 1.0 + 1e-9 and o.after.top1 is None

@@ -70,7 +70,7 @@ WARMUP = 0.05  # fraction of steps with a linear learning-rate warm-up; cosine d
 @dataclass
 class DistillConfig:
     steps: int = 300
-    time_limit: float = 0.0  # seconds; 0 = none
+    time_limit: float = 0.0  # seconds of training steps (at least one step runs); 0 = none
     lr: float | None = None  # None: LR_FLOAT, or LR_QAT when the student has Q/DQ nodes
     batch: int = 32
     seed: int = 0
@@ -413,8 +413,9 @@ class _Trainer:
         losses: list[float] = []
         order = np.array([], dtype=np.int64)
         stopped, step = "steps", 0
+        t_loop = time.perf_counter()  # the limit is on training steps; the checks before them always run
         while step < cfg.steps:
-            if cfg.time_limit and time.perf_counter() - t0 > cfg.time_limit:
+            if cfg.time_limit and step and time.perf_counter() - t_loop > cfg.time_limit:
                 stopped = "time"
                 break
             if len(order) < self.batch:
