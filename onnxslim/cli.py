@@ -154,6 +154,8 @@ def _click_option(f: dataclasses.Field, cls: type, section: str) -> click.Option
         bits.append(f"[range: {'' if lo is None else f'{lo:g}'}..{'' if hi is None else f'{hi:g}'}]")
     help_text = " ".join(b for b in bits if b)
     if kind is bool:
+        if "/" not in flag:  # every boolean can be set either way: --x / --no-x
+            flag = f"{flag}/--no-{flag[2:]}"
         opt = click.Option([flag, f.name], default=None, help=help_text)
     else:
         choices = f.metadata.get("choices")
