@@ -21,7 +21,9 @@ import contextlib
 import copy
 import logging
 import math
+import os
 import platform
+import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,6 +46,7 @@ FALLBACK_STEPS = 8  # accuracy fallback rounds
 FALLBACK_PATIENCE = 3  # rounds without improvement before giving up
 DEBUG_SAMPLES = 32  # samples used to rank nodes by quantization error
 NOISE = 0.05  # relative latency noise: within this of a threshold, measure again
+CLEARLY_SLOWER = 1.25  # a candidate this much slower than the best at batch 1 is not timed at other batches
 
 
 # ------------------------------------------------------------------------------------ machine defaults
@@ -96,6 +99,8 @@ class QuantConfig:
     def label(self) -> str:
         if self.kind == "dynamic":
             s = f"dynamic, {self.weight} {'per-channel' if self.per_channel else 'per-tensor'} weights"
+            if self.reduce_range:
+                s += ", 7-bit weights"
         else:
             s = (f"{self.fmt.upper()}, {self.activation} activations{' (symmetric)' if self.symmetric else ''}, "
                  f"{self.weight} {'per-channel' if self.per_channel else 'per-tensor'} weights, {self.method}")
@@ -348,8 +353,10 @@ class Quantizer:
                     if full.exists():
                         cache = full  # a superset of the tensors of any op-type subset
                 extra: dict[str, Any] = {"ActivationSymmetric": cfg.symmetric, "WeightSymmetric": True}
-                if cfg.method == "minmax" and self.data is not None and self.data.size > 8 * self.data.batch_size:
-                    extra["CalibMaxIntermediateOutputs"] = 8  # bounded memory on big calibration sets
+                # Never CalibMaxIntermediateOutputs: onnxruntime (1.32) drops every full chunk of collected
+                # ranges without merging them, so only the last partial chunk calibrates, and a batch count
+                # that is a multiple of the chunk ("No data is collected.": 160 batches of a fixed batch 1)
+                # fails. MinMax keeps one min/max per tensor and batch, which is small anyway.
                 reader = calib_reader(self.data, self.model) if self.data is not None else None
                 quantize_static(str(self.path), str(out), reader,
                                 quant_format=QuantFormat.QDQ if cfg.fmt == "qdq" else QuantFormat.QOperator,
@@ -435,18 +442,24 @@ def latency_batches(model: ModelProto) -> tuple[int, ...]:
     return (fixed,) if fixed is not None else LATENCY_BATCHES
 
 
+def time_pair(reference: ModelProto, candidate: ModelProto, feeds_by_batch: dict[int, dict[str, np.ndarray]],
+              seconds: float | None = None, custom_op_library: str | None = None) -> dict[str, dict[str, Any]]:
+    """The one latency measurement (``onnxslim.runtime.latency_table``): ratio = candidate / reference."""
+    from onnxslim.runtime import latency_table
+
+    return latency_table(reference, candidate, feeds_by_batch, custom_op_library=custom_op_library,
+                         seconds=LATENCY_SECONDS if seconds is None else seconds)
+
+
 def measure_speed(reference: ModelProto, candidate: ModelProto, input_shapes: dict[str, list[int]],
                   batches: tuple[int, ...], seconds: float | None = None) -> dict[int, dict[str, float]]:
-    """Latency of both models per batch (one thread each), paired run by run in one process."""
-    from onnxslim.runtime import make_session, paired_latency
+    """Kept for passes/fp16.py: ``time_pair`` on generated inputs, as {batch: {before_ms, after_ms, speedup}}."""
+    from onnxslim.validate import latency_feeds
 
-    sa, sb = make_session(reference, threads=1), make_session(candidate, threads=1)
-    out: dict[int, dict[str, float]] = {}
-    for b in batches:
-        feeds = make_inputs(reference, input_shapes, batch=b, seed=1)
-        ref_ms, cand_ms, ratio = paired_latency(sa, sb, feeds, seconds=LATENCY_SECONDS if seconds is None else seconds)
-        out[b] = {"before_ms": ref_ms, "after_ms": cand_ms, "speedup": 1.0 / ratio if ratio else 0.0}
-    return out
+    table = time_pair(reference, candidate, latency_feeds(reference, input_shapes, None, batches), seconds)
+    return {int(k.removeprefix("batch")): {"before_ms": v["before_ms"], "after_ms": v["after_ms"],
+                                           "speedup": 1.0 / v["ratio"] if v["ratio"] else 0.0}
+            for k, v in table.items() if "ratio" in v}
 
 
 # ------------------------------------------------------------------------------------ error ranking
@@ -604,27 +617,33 @@ class Candidate:
     cfg: QuantConfig
     model: ModelProto
     quality: Quality
-    speed: dict[int, dict[str, float]] = field(default_factory=dict)
+    # runtime.latency_table: {"batch1": {"before_ms", "after_ms", "ratio"}}, ratio = INT8 / float
+    speed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stopped_early: bool = False  # timed at the first batch only: clearly slower there
+
+    @property
+    def ratio(self) -> float | None:
+        """The speed gate's number: geometric mean of the latency ratios (below 1 is faster)."""
+        from onnxslim.runtime import mean_ratio
+
+        return mean_ratio(self.speed)
 
     @property
     def speedup(self) -> float:
-        """The speed gate's number: geometric mean of the speedups at batch 1 and the large batch."""
-        if not self.speed:
-            return 0.0
-        return float(np.exp(np.mean([np.log(max(1e-9, v["speedup"])) for v in self.speed.values()])))
+        r = self.ratio
+        return 1.0 / r if r else 0.0
 
     @property
     def worst_speedup(self) -> float:
-        return min((v["speedup"] for v in self.speed.values()), default=0.0)
+        ratios = [v["ratio"] for v in self.speed.values() if v.get("ratio")]
+        return 1.0 / max(ratios) if ratios else 0.0
 
     def score(self) -> float:
         return self.speedup
 
     def row(self) -> dict[str, Any]:
         return {"config": self.cfg.label(), "size": self.model.ByteSize(), "quality": self.quality.to_dict(),
-                "speedup": {f"batch{b}": round(v["speedup"], 3) for b, v in self.speed.items()},
-                "latency_ms": {f"batch{b}": {"float": round(v["before_ms"], 4), "int8": round(v["after_ms"], 4)}
-                               for b, v in self.speed.items()}}
+                "latency": self.speed, "stopped_early": self.stopped_early}
 
 
 class QuantSearch:
@@ -633,7 +652,10 @@ class QuantSearch:
     def __init__(self, float_model: ModelProto, quantizer: Quantizer, reference: ModelProto,
                  feeds: dict[str, np.ndarray], labels: np.ndarray | None, gate: Gate, fixed: set[str],
                  input_shapes: dict[str, list[int]], progress: Callable[[str], None] = lambda m: None,
-                 custom_op_library: str | None = None, search: bool = True) -> None:
+                 custom_op_library: str | None = None, search: bool = True,
+                 latency_data: dict[str, np.ndarray] | None = None) -> None:
+        from onnxslim.validate import latency_feeds
+
         self.float_model = float_model
         self.q = quantizer
         self.reference = reference
@@ -648,7 +670,9 @@ class QuantSearch:
         self.before_fallback: Candidate | None = None
         self.failed: list[str] = []  # configurations onnxruntime could not quantize or run
         self.fallback_steps: list[dict[str, Any]] = []
-        self.batches = latency_batches(float_model)
+        # Timing inputs: the user's data where given (real ids and lengths), else valid generated inputs.
+        self.latency_feeds = latency_feeds(float_model, input_shapes, latency_data)
+        self.best_ratio: float | None = None  # of the fastest accurate candidate timed so far
 
     def evaluate(self, cfg: QuantConfig, timed: bool = True) -> Candidate:
         self.progress(f"quantizing: {cfg.label()}")
@@ -660,14 +684,32 @@ class QuantSearch:
         self.tried.append(cand)
         return cand
 
-    def time(self, cand: Candidate) -> None:
+    def time(self, cand: Candidate, early_stop: bool = False) -> None:
+        """Latency of ``cand`` against the float model on every batch size. With ``early_stop``, a
+        candidate clearly slower than the best so far at the first batch size is not timed further."""
         self.progress(f"timing: {cand.cfg.label()}")
-        cand.speed = measure_speed(self.float_model, cand.model, self.input_shapes, self.batches)
-        if self.gate.min_speedup is not None and abs(cand.speedup / self.gate.min_speedup - 1) < NOISE:
-            again = measure_speed(self.float_model, cand.model, self.input_shapes, self.batches,
-                                  seconds=2 * LATENCY_SECONDS)
-            for b, v in again.items():  # near the threshold: average two measurements
-                cand.speed[b] = {k: (cand.speed[b][k] + v[k]) / 2 for k in v}
+        batches = list(self.latency_feeds)
+        if early_stop and len(batches) > 1 and self.best_ratio is not None:
+            first = time_pair(self.float_model, cand.model, {batches[0]: self.latency_feeds[batches[0]]},
+                              custom_op_library=self.custom)
+            r = first.get(f"batch{batches[0]}", {}).get("ratio")
+            if r is not None and r > self.best_ratio * CLEARLY_SLOWER:
+                cand.speed, cand.stopped_early = first, True
+                return
+            rest = time_pair(self.float_model, cand.model, {b: self.latency_feeds[b] for b in batches[1:]},
+                             custom_op_library=self.custom)
+            cand.speed = {**first, **rest}
+        else:
+            cand.speed = time_pair(self.float_model, cand.model, self.latency_feeds, custom_op_library=self.custom)
+        if self.gate.min_speedup is not None and cand.ratio and abs(cand.ratio * self.gate.min_speedup - 1) < NOISE:
+            again = time_pair(self.float_model, cand.model, self.latency_feeds, seconds=2 * LATENCY_SECONDS,
+                              custom_op_library=self.custom)
+            for k, v in again.items():  # near the threshold: average two measurements
+                if "ratio" in v and "ratio" in cand.speed.get(k, {}):
+                    cand.speed[k] = {m: round((cand.speed[k][m] + v[m]) / 2, 4) for m in v}
+        if cand.ratio is not None and (self.best_ratio is None or cand.ratio < self.best_ratio):
+            if cand.quality.passed and not cand.stopped_early:
+                self.best_ratio = cand.ratio
 
     def goal(self) -> float:
         return max(1.0, self.gate.min_speedup or 1.0)
@@ -712,7 +754,9 @@ class QuantSearch:
                     continue
                 if not quant_op_counts(c.model) or not c.quality.passed:
                     continue  # all float (that is the float model), or not accurate enough: not worth timing
-                self.time(c)
+                self.time(c, early_stop=True)
+                if c.stopped_early:
+                    continue
                 if c.quality.passed and (best is None or c.score() > best.score() * (1 + NOISE / 2)):
                     best, improved = c, True
             if not improved or best is None:
@@ -725,12 +769,23 @@ class QuantSearch:
         self.before_fallback = cand
         if not cand.cfg.per_channel and "per_channel" not in self.fixed:
             # Per-channel weights first: everything stays INT8 (dynamic MiniLM: cosine 0.962 -> 0.993).
-            self.progress("accuracy fallback: per-channel weights")
-            pc = self.evaluate(replace(cand.cfg, per_channel=True), timed=False)
-            self.fallback_steps.append({"step": 0, "change": "per-channel weights", "moved_to_float": [],
-                                        "ranking": [], "quality": pc.quality.to_dict(), "metric": pc.quality.summary()})
-            if pc.quality.score() > cand.quality.score():
-                cand = pc
+            best_pc = None
+            for form in per_channel_forms(cand.cfg, self.fixed):
+                self.progress(f"accuracy fallback: per-channel weights ({form.label()})")
+                try:
+                    pc = self.evaluate(form, timed=False)
+                except Exception as e:  # noqa: BLE001 - one failing form must not end the fallback
+                    self.failed.append(f"{form.label()}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                    continue
+                self.fallback_steps.append({"step": 0, "change": "per-channel weights", "form": form.label(),
+                                            "moved_to_float": [], "ranking": [], "quality": pc.quality.to_dict(),
+                                            "metric": pc.quality.summary()})
+                if best_pc is None or pc.quality.score() > best_pc.quality.score():
+                    best_pc = pc
+                if pc.quality.passed:
+                    break
+            if best_pc is not None and best_pc.quality.score() > cand.quality.score():
+                cand = best_pc
         steps = 0
         best_score, stale = cand.quality.score(), 0
         n_quant = sum(1 for n in self.float_model.graph.node if n.op_type in (cand.cfg.op_types or COMPUTE_OPS))
@@ -765,7 +820,7 @@ class QuantSearch:
                     break  # moving more nodes to float does not help: the gate is out of reach
         if self.fallback_steps and cand.quality.passed:  # a refused result needs no timing
             self.progress("timing the fallback result")
-            cand.speed = measure_speed(self.float_model, cand.model, self.input_shapes, self.batches)
+            self.time(cand)
         return cand
 
     def run(self, start: QuantConfig, data: CalibrationData | None, timed: bool = True) -> Candidate:
@@ -776,6 +831,27 @@ class QuantSearch:
         if not best.quality.passed and data is not None:
             best = self.fallback(best, data)
         return best
+
+
+def per_channel_forms(cfg: QuantConfig, fixed: set[str]) -> list[QuantConfig]:
+    """The per-channel variants of ``cfg`` worth trying for accuracy on this CPU, best first.
+
+    Without VNNI, x86 INT8 kernels multiply u8 x s8 pairs into saturating 16-bit sums (AVX2 vpmaddubsw);
+    per-channel scales fill the 8-bit range in every column and saturate more often than per-tensor ones:
+    measured on the 2-layer transformer (dynamic, AVX2): cosine per-tensor 0.99991, per-channel s8 0.99946,
+    per-channel s8 7-bit 0.99988, per-channel u8 0.99994 (u8 x u8 kernels do not saturate). So there, the
+    7-bit form is tried first, then (dynamic, weight type not fixed) uint8 weights."""
+    base = replace(cfg, per_channel=True)
+    if has_vnni() or not _is_x86():
+        return [base]
+    forms = [replace(base, reduce_range=True)]
+    if cfg.kind == "dynamic" and "weight" not in fixed and cfg.weight == "int8":
+        forms.append(replace(base, weight="uint8", reduce_range=False))
+    return forms
+
+
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
 
 def _quantizable_nodes(model: ModelProto, cfg: QuantConfig) -> set[str]:
@@ -847,40 +923,108 @@ def _prepare(model: ModelProto, cfg: QuantConfig, kind: str, notes: list[str]) -
     return prep, cfg
 
 
-def quantize_pass(model: ModelProto, ctx: Any, kind: str, options: Any) -> Any:
-    """The body of the quantize-static / quantize-dynamic passes: returns a PassResult."""
-    from onnxslim.manager import PassResult
+@dataclass
+class QuantOutcome:
+    """What a quantize pass did; passes/quantize.py turns it into a PassResult."""
+
+    changed: bool
+    model: ModelProto | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def private_workdir(prefix: str = "onnxslim-quant-") -> Iterator[Path]:
+    """A private temporary folder that is also the working directory and ``tempfile``'s folder meanwhile.
+
+    onnxruntime's helpers write next to the process: symbolic shape inference saves
+    ``sym_shape_infer_temp.onnx`` + a ``<uuid>`` external-data file into the cwd when it gives up. Inside
+    this context they land here, and the folder goes on every exit path (success, refusal, error, Ctrl-C)."""
+    old_cwd, old_tmp = os.getcwd(), tempfile.tempdir
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        os.chdir(folder)
+        tempfile.tempdir = str(folder)
+        yield folder
+    finally:
+        os.chdir(old_cwd)
+        tempfile.tempdir = old_tmp
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+
+
+def cpu_description() -> str:
+    """e.g. 'AMD EPYC (x86_64, AVX2, no AVX-512, no VNNI)': named in 'INT8 is not faster here' messages."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")),
+                platform.processor() or "CPU")
+    flags = cpu_flags()
+    if not flags:
+        return f"{name} ({platform.machine()})"
+    isa = ["AVX2" if "avx2" in flags else "no AVX2", "AVX-512" if "avx512f" in flags else "no AVX-512",
+           "VNNI" if has_vnni() else "no VNNI"]
+    return f"{name} ({platform.machine()}, {', '.join(isa)})"
+
+
+def _fmt_ratios(table: dict[str, dict[str, Any]]) -> str:
+    got = {k.removeprefix("batch"): v["ratio"] for k, v in table.items() if "ratio" in v}
+    if not got:
+        return "not timed"
+    return f"{'/'.join(f'{r:.2f}x' for r in got.values())} the float latency at batch {'/'.join(got)}"
+
+
+def quantize_pass(model: ModelProto, ctx: Any, kind: str, options: Any) -> QuantOutcome:
+    """The body of the quantize-static / quantize-dynamic passes. ``ctx`` is the run's Context (read, and
+    warnings / gate failures appended); every temporary file lives in a private folder (``private_workdir``)."""
     from onnxslim.model import PROTO_LIMIT
+    from onnxslim.runtime import speed_gate
 
     if not {n.op_type for n in model.graph.node} & set(COMPUTE_OPS + ("Gather", "EmbedLayerNormalization")):
         ctx.warn(f"quantize-{kind}: nothing to quantize (no {'/'.join(COMPUTE_OPS)} node); the model is left in float")
-        return PassResult(changed=False, notes=[f"nothing to quantize: no {'/'.join(COMPUTE_OPS)} node"])
+        return QuantOutcome(changed=False, notes=[f"nothing to quantize: no {'/'.join(COMPUTE_OPS)} node"])
     data = ctx.calibration(model, required=kind == "static")
+    holdout = ctx.holdout(model) if hasattr(ctx, "holdout") else None
     cfg, fixed, why = config_from_options(options, kind, model)
     gate = gate_from_options(ctx.run)
     notes: list[str] = []
-    prep, cfg = _prepare(model, cfg, kind, notes)
-
     reference = ctx.original.proto if ctx.original is not None and ctx.original.proto.ByteSize() < PROTO_LIMIT else model
+    # The gate judges on data the calibration did not see: --inputs, else the held-out part of --calib.
     feeds, labels = ctx.inputs, getattr(ctx, "labels", None)
+    if feeds is None and holdout is not None:
+        feeds, labels = holdout.inputs, holdout.labels
     if feeds is None:
         if data is not None and data.measured:
             feeds, labels = data.inputs, data.labels
         else:
             feeds = make_inputs(reference, ctx.input_shapes)
-    custom = ctx.custom_op_library
-    with tempfile.TemporaryDirectory(prefix="onnxslim-quant-") as tmp:
-        search = QuantSearch(prep, Quantizer(prep, data, Path(tmp)), reference, feeds, labels, gate, fixed,
-                             ctx.input_shapes, ctx.progress, custom, search=gate.min_speedup is not None)
+    # Timing runs on the user's data where there is some (valid ids, real sequence lengths).
+    latency_data = ctx.inputs if ctx.inputs is not None else (data.inputs if data is not None else None)
+    custom = os.path.abspath(ctx.custom_op_library) if ctx.custom_op_library else None  # the cwd changes below
+    with private_workdir() as tmp:
+        prep, cfg = _prepare(model, cfg, kind, notes)
+        search = QuantSearch(prep, Quantizer(prep, data, tmp), reference, feeds, labels, gate, fixed,
+                             ctx.input_shapes, ctx.progress, custom, search=gate.min_speedup is not None,
+                             latency_data=latency_data)
         # The fallback ranks nodes on calibration data, else (dynamic without --calib) on the validation inputs.
         best = search.run(cfg, data if data is not None else CalibrationData(feeds, None, "validation inputs"))
 
     first = search.tried[0]
     float_nodes = sorted(set(best.cfg.exclude) | set(search.q._nodes_for(best.cfg)) - set(cfg.exclude))
     size_x = size_ratio(model, best.model)
-    speed_txt = (", ".join(f"batch {b}: {1 / v['speedup']:.2f}x the float latency" for b, v in best.speed.items())
-                 or "not timed (it misses the accuracy gate)")
+    speed_txt = _fmt_ratios(best.speed) if best.speed else "not timed (it misses the accuracy gate)"
     notes.insert(0, f"{kind} quantization: {best.cfg.label()} (defaults for this machine: {why})")
+
     def names(xs: list[str]) -> str:
         return ", ".join(xs[:6]) + (f" and {len(xs) - 6} more" if len(xs) > 6 else "")
 
@@ -894,38 +1038,44 @@ def quantize_pass(model: ModelProto, ctx: Any, kind: str, options: Any) -> Any:
         notes.append(f"kept in float: {names(float_nodes)}")
     for f in search.failed:
         notes.append(f"skipped (onnxruntime failed): {f}")
+    early = sum(1 for c in search.tried if c.stopped_early)
+    if early:
+        notes.append(f"{early} configuration(s) stopped after batch {next(iter(search.latency_feeds))}: "
+                     f"more than {CLEARLY_SLOWER:.2f}x the best one's latency there")
     notes.append(f"result: file {size_x:.2f}x, {speed_txt}; {best.quality.summary()}")
     if kind == "dynamic" and "Conv" in {n.op_type for n in prep.graph.node} and first.speed:
         slow = 1 / first.worst_speedup if first.worst_speedup else float("inf")
         if slow > 1:
-            ctx.warn(f"quantize-dynamic: dynamic INT8 Conv (ConvInteger) ran up to {slow:.1f}x slower than float; " + ("Conv kept in float. " if "Conv" in best.cfg.float_ops else "")
+            ctx.warn(f"quantize-{kind}: dynamic INT8 Conv (ConvInteger) ran up to {slow:.1f}x slower than float; " + ("Conv kept in float. " if "Conv" in best.cfg.float_ops else "")
                      + "For Conv-heavy models use --passes quantize-static (calibrated QDQ)")
-    slower = [b for b, v in best.speed.items() if v["speedup"] < 1.0 + NOISE / 2]
-    if slower:
-        ctx.warn(f"quantize-{kind}: the INT8 model is NOT FASTER than float at batch {' and '.join(map(str, slower))} "
-                 f"({speed_txt}) after trying {len(search.tried)} configuration(s)")
+    timed = [c for c in search.tried if c.speed and not c.stopped_early]
+    if best.speed and best.ratio is not None and best.ratio > 1.0 - NOISE / 2:
+        fastest = min(timed, key=lambda c: c.ratio or float("inf"), default=best)
+        ctx.warn(f"quantize-{kind}: INT8 is NOT FASTER than float on this CPU ({cpu_description()}): "
+                 f"{speed_txt} ({best.cfg.label()}); fastest of {len(search.tried)} configuration(s) tried: "
+                 f"{_fmt_ratios(fastest.speed)}")
     if size_x >= 1.0:
-        why = (f"{len(float_nodes)} node(s) are kept in float" if float_nodes
-               else "the model is too small for the quantization parameters to pay off")
-        ctx.warn(f"quantize-{kind}: the INT8 file is not smaller ({size_x:.2f}x): {why}")
-    if gate.min_speedup is not None and best.speed and best.speedup < gate.min_speedup:
-        ctx.gate_failures.append(
-            f"quantize-{kind}: speedup {best.speedup:.2f}x (geometric mean over batch "
-            f"{' and '.join(map(str, best.speed))}) < --min-speedup "
-            f"{gate.min_speedup:g} ({len(search.tried)} configuration(s) tried; --objective size keeps it for its size)")
+        why_big = (f"{len(float_nodes)} node(s) are kept in float" if float_nodes
+                   else "the model is too small for the quantization parameters to pay off")
+        ctx.warn(f"quantize-{kind}: the INT8 file is not smaller ({size_x:.2f}x): {why_big}")
+    if gate.min_speedup is not None and best.speed:
+        failure = speed_gate(f"quantize-{kind}", best.speed, gate.min_speedup)
+        if failure:
+            ctx.gate_failures.append(f"{failure} ({len(search.tried)} configuration(s) tried on {cpu_description()}; "
+                                     "--objective size keeps it for its size)")
     if gate.objective == "size" and size_x >= 1.0:
         ctx.gate_failures.append(f"quantize-{kind}: --objective size but the file is {size_x:.2f}x the float file")
     if not best.quality.passed:
         ctx.gate_failures.append(f"quantize-{kind}: {best.quality.reason} with {len(float_nodes)} node(s) in float")
 
     details = {
-        "kind": kind, "config": best.cfg.label(), "machine_defaults": why,
+        "kind": kind, "config": best.cfg.label(), "machine_defaults": why, "cpu": cpu_description(),
         "settings": {"format": best.cfg.fmt, "method": best.cfg.method, "activation_type": best.cfg.activation,
                      "weight_type": best.cfg.weight, "per_channel": best.cfg.per_channel,
                      "symmetric": best.cfg.symmetric, "reduce_range": best.cfg.reduce_range,
                      "op_types": list(best.cfg.op_types or []), "float_op_types": list(best.cfg.float_ops)},
         "notes": notes, "size_ratio": round(size_x, 4), "quality": best.quality.to_dict(),
-        "latency": {f"batch{b}": v for b, v in best.speed.items()},
+        "latency": best.speed,
         "candidates": [c.row() for c in search.tried],
         "fallback": search.fallback_steps, "nodes_in_float": float_nodes, "failed_configurations": search.failed,
         "quant_ops": quant_op_counts(best.model),
@@ -933,6 +1083,7 @@ def quantize_pass(model: ModelProto, ctx: Any, kind: str, options: Any) -> Any:
                                                   "batch": data.batch_size, "measured": data.measured},
     }
     stats = {"size_ratio": round(size_x, 4), "candidates": len(search.tried), "nodes_in_float": len(float_nodes)}
-    for b, v in best.speed.items():
-        stats[f"speedup_b{b}"] = round(v["speedup"], 3)
-    return PassResult(changed=True, stats=stats, notes=notes, model=best.model, details=details)
+    for k, v in best.speed.items():
+        if "ratio" in v:
+            stats[f"latency_ratio_{k.replace('batch', 'b')}"] = v["ratio"]
+    return QuantOutcome(changed=True, model=best.model, stats=stats, notes=notes, details=details)

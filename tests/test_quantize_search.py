@@ -23,11 +23,12 @@ def _quantized_depthwise(model: onnx.ModelProto) -> int:
                and producers.get(n.input[1]) == "DequantizeLinear")
 
 
-def scripted_speed(rule):
-    """measure_speed replacement: the speedup is a function of the candidate model."""
-    def fake(reference, candidate, input_shapes, batches, seconds=None):
-        s = rule(candidate)
-        return {b: {"before_ms": 1.0, "after_ms": 1.0 / s, "speedup": s} for b in batches}
+def scripted_latency(rule):
+    """time_pair replacement (the search's one timing call): the latency ratio INT8/float is a function
+    of the candidate model, so the search logic is tested and not the machine."""
+    def fake(reference, candidate, feeds_by_batch, seconds=None, custom_op_library=None):
+        r = rule(candidate)
+        return {f"batch{b}": {"before_ms": 1.0, "after_ms": r, "ratio": r} for b in feeds_by_batch}
     return fake
 
 
@@ -39,26 +40,26 @@ def mobilenet_data(tmp_path):
 
 
 def test_search_leaves_depthwise_in_float_when_it_is_what_is_slow(tmp_path, monkeypatch, mobilenet_data):
-    monkeypatch.setattr(q, "measure_speed", scripted_speed(lambda m: 0.6 if _quantized_depthwise(m) else 1.4))
+    monkeypatch.setattr(q, "time_pair", scripted_latency(lambda m: 1.6 if _quantized_depthwise(m) else 0.7))
     out = tmp_path / "mb.onnx"
     _, report = optimize(MOBILENET, out, passes="lossless,quantize-static", inputs=mobilenet_data, latency=False,
                          options={"calib": str(mobilenet_data)})
     d = quant_details(report)
-    assert d["candidates"][0]["speedup"]["batch1"] == 0.6  # the default was slower: the search ran
+    assert d["candidates"][0]["latency"]["batch1"]["ratio"] == 1.6  # the default was slower: the search ran
     assert "DepthwiseConv" in d["settings"]["float_op_types"]
     assert _quantized_depthwise(onnx.load(out)) == 0
     assert "float DepthwiseConv" in d["config"] and report.written
 
 
 def test_no_search_when_default_is_faster(tmp_path, monkeypatch, mobilenet_data):
-    monkeypatch.setattr(q, "measure_speed", scripted_speed(lambda m: 1.5))
+    monkeypatch.setattr(q, "time_pair", scripted_latency(lambda m: 0.6))
     _, report = optimize(MOBILENET, tmp_path / "mb.onnx", passes="quantize-static", inputs=mobilenet_data,
                          latency=False, options={"calib": str(mobilenet_data)})
     assert len(quant_details(report)["candidates"]) == 1
 
 
 def test_speed_gate_refuses_a_slower_model_and_objective_size_keeps_it(tmp_path, monkeypatch, mobilenet_data):
-    monkeypatch.setattr(q, "measure_speed", scripted_speed(lambda m: 0.8))
+    monkeypatch.setattr(q, "time_pair", scripted_latency(lambda m: 1.25))
     out = tmp_path / "mb.onnx"
     with pytest.raises(GateError) as e:
         optimize(MOBILENET, out, passes="quantize-static", inputs=mobilenet_data, latency=False,
@@ -73,7 +74,7 @@ def test_speed_gate_refuses_a_slower_model_and_objective_size_keeps_it(tmp_path,
 
 
 def test_user_settings_are_not_searched_over(tmp_path, monkeypatch, mobilenet_data):
-    monkeypatch.setattr(q, "measure_speed", scripted_speed(lambda m: 0.8))
+    monkeypatch.setattr(q, "time_pair", scripted_latency(lambda m: 1.25))
     with pytest.raises(GateError) as e:
         optimize(MOBILENET, tmp_path / "mb.onnx", passes="quantize-static", inputs=mobilenet_data, latency=False,
                  options={"calib": str(mobilenet_data), "activation_type": "uint8", "per_channel": True})
