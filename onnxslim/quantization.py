@@ -35,12 +35,13 @@ from onnx import ModelProto
 
 from onnxslim.calibration import CalibrationData
 from onnxslim.errors import InputError
-from onnxslim.validate import compare_models, make_inputs, static_batch
+from onnxslim.validate import compare_models, make_inputs, score_outputs, static_batch
 
 PER_CHANNEL_MIN_OPSET = 13  # DequantizeLinear gained 'axis' in opset 13
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "LSTM")
 LATENCY_BATCHES = (1, 64)
-LATENCY_SECONDS = 1.0  # per batch and candidate; paired runs make this enough on a busy machine
+# per batch and candidate; paired CPU-time runs make this enough on a busy machine (tests shorten it)
+LATENCY_SECONDS = float(os.environ.get("ONNXSLIM_QUANT_LATENCY_SECONDS", "1.0"))
 SEARCH_BUDGET = 8  # quantized candidates tried by the latency search
 FALLBACK_STEPS = 8  # accuracy fallback rounds
 FALLBACK_PATIENCE = 3  # rounds without improvement before giving up
@@ -426,8 +427,10 @@ def judge(reference: ModelProto, candidate: ModelProto, feeds: dict[str, np.ndar
         chunk = 256
     if chunk is not None and n <= chunk:
         chunk = None
+    # The same judgement as the run's final validation (api.py), so the search never picks what it refuses.
     res = compare_models(reference, candidate, feeds, labels=labels, lossy=True, min_cosine=gate.min_cosine,
-                         max_acc_drop=gate.max_acc_drop, chunk=chunk, custom_op_library=custom_op_library)
+                         max_acc_drop=gate.max_acc_drop, chunk=chunk, custom_op_library=custom_op_library,
+                         min_top1=gate.min_top1, score_outputs=score_outputs(reference))
     cos = min((o.cosine for o in res.outputs), default=None)
     tops = [o.top1_agreement for o in res.outputs if o.top1_agreement is not None]
     top1 = min(tops) if tops else None
