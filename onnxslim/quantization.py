@@ -7,12 +7,17 @@ onnxruntime's tool quantizes well but leaves four gaps that this module closes:
 - per-channel QDQ below opset 13 writes ``DequantizeLinear(axis=...)``, invalid there: ``_prepare``
   upgrades the model to opset 13 first;
 - it never checks that the result is faster or still accurate: ``QuantSearch`` times every candidate
-  against the float model (paired runs, batch 1 and a large batch), tries what can win when INT8 is
-  slower (float depthwise convs, compute ops only, per-tensor/per-channel, the other activation type),
+  against the float model with the one latency function (``onnxslim.runtime.latency_table``: one-thread
+  sessions, CPU time, interleaved; batch 1 and a large batch, on the user's data where given), tries what
+  can win when INT8 is slower (per-tensor/per-channel, float depthwise convs, the other activation type
+  where it can win, compute ops only; a candidate clearly slower at batch 1 is not timed further, and
+  calibration ranges are computed once and reused by every candidate),
   and moves the nodes that lose the most signal back to float until the accuracy gate passes. The
   signal loss is qdq_loss_debug's SQNR, averaged per channel so that an outlier channel cannot hide it.
 
-The passes (quantize-static, quantize-dynamic) only choose settings and call ``QuantSearch.run``.
+Every temporary file (and whatever onnxruntime's helpers write into the working directory) lives in a
+private folder removed on every exit path (``private_workdir``). The passes (quantize-static,
+quantize-dynamic) turn the typed ``QuantOutcome`` of ``quantize_pass`` into a PassResult.
 """
 
 from __future__ import annotations
@@ -64,10 +69,13 @@ def has_vnni() -> bool:
 def machine_defaults() -> dict[str, Any]:
     """The static settings that are fastest at unchanged accuracy on this CPU.
 
-    x86 (measured, tools/bench_quant.py): UInt8 activations, Int8 per-channel weights. onnxruntime's own
-    default, Int8 activations, ran the digits CNN 1.8x slower than fp32; U8/S8 ran it at 0.6x. Without
-    VNNI, 7-bit weights (reduce_range) avoid the u8*s8 saturation of the AVX2 kernels, and ARM gets Int8
-    activations: both as onnxruntime's quantize_static documentation advises (not measured here).
+    x86 (``tools/bench_quant.py --forms``): uint8 activations with int8 weights (U8S8) are the fastest form
+    on every model measured. AMD EPYC, AVX2, no VNNI, latency INT8/float at batch 1/64: digits CNN U8S8
+    0.81x/0.64x, U8U8 1.04x/0.93x, S8S8 QDQ 1.55x/1.45x, S8S8 QOperator 4.6x/5.6x; MobileNet-like
+    0.86x/0.71x vs U8U8 1.17x/0.97x and S8S8 1.7x/1.6x. QDQ and QOperator ran alike for U8S8, and
+    reduce_range did not change the speed. Without VNNI, the AVX2 u8*s8 kernels sum pairs into
+    saturating 16 bits, so 7-bit weights (reduce_range) keep the accuracy, as onnxruntime advises; ARM
+    gets int8 activations, also as onnxruntime's documentation advises (not measured here).
     """
     arch = platform.machine().lower()
     if arch in ("arm64", "aarch64") or arch.startswith("arm"):
@@ -751,7 +759,10 @@ class QuantSearch:
                 self.best_ratio = cand.ratio
 
     def goal(self) -> float:
-        return max(1.0, self.gate.min_speedup or 1.0)
+        """The speedup at every batch size that ends the search. A form within noise of float at some
+        batch size is no win there (digits MLP static per-channel: 0.98x at batch 1, per-tensor 0.87x),
+        so the search looks further until each batch gains more than NOISE, or the budget runs out."""
+        return max(1.0 / (1.0 - NOISE), self.gate.min_speedup or 1.0)
 
     def moves(self, cfg: QuantConfig) -> list[QuantConfig]:
         """What can win when INT8 is slower, in the order worth trying.
