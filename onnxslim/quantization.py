@@ -1,8 +1,9 @@
 """Shared quantization machinery around onnxruntime.quantization (which does the arithmetic).
 
-onnxruntime's tool quantizes well but leaves four gaps that this module closes:
+onnxruntime's tool quantizes well but leaves gaps that this module closes:
 
-- it needs a CalibrationDataReader: ``CalibReader`` adapts onnxslim's CalibrationData;
+- it needs a CalibrationDataReader: ``CalibReader`` adapts onnxslim's CalibrationData; its MinMax
+  calibrator's ``CalibMaxIntermediateOutputs`` loses data (see ``Quantizer.quantize``), so it is not used;
 - its pre-processing needs sympy and can crash; ``preprocess`` falls back step by step and says why;
 - per-channel QDQ below opset 13 writes ``DequantizeLinear(axis=...)``, invalid there: ``_prepare``
   upgrades the model to opset 13 first;
