@@ -1,25 +1,34 @@
 """Shared quantization machinery around onnxruntime.quantization (which does the arithmetic).
 
-onnxruntime's tool quantizes well but leaves four gaps that this module closes:
+onnxruntime's tool quantizes well but leaves gaps that this module closes:
 
-- it needs a CalibrationDataReader: ``CalibReader`` adapts onnxslim's CalibrationData;
+- it needs a CalibrationDataReader: ``CalibReader`` adapts onnxslim's CalibrationData; its MinMax
+  calibrator's ``CalibMaxIntermediateOutputs`` loses data (see ``Quantizer.quantize``), so it is not used;
 - its pre-processing needs sympy and can crash; ``preprocess`` falls back step by step and says why;
 - per-channel QDQ below opset 13 writes ``DequantizeLinear(axis=...)``, invalid there: ``_prepare``
   upgrades the model to opset 13 first;
 - it never checks that the result is faster or still accurate: ``QuantSearch`` times every candidate
-  against the float model (paired runs, batch 1 and a large batch), tries what can win when INT8 is
-  slower (float depthwise convs, compute ops only, per-tensor/per-channel, the other activation type),
+  against the float model with the one latency function (``onnxslim.runtime.latency_table``: one-thread
+  sessions, CPU time, interleaved; batch 1 and a large batch, on the user's data where given), tries what
+  can win when INT8 is slower (per-tensor/per-channel, float depthwise convs, the other activation type
+  where it can win, compute ops only; a candidate clearly slower at batch 1 is not timed further, and
+  calibration ranges are computed once and reused by every candidate),
   and moves the nodes that lose the most signal back to float until the accuracy gate passes. The
   signal loss is qdq_loss_debug's SQNR, averaged per channel so that an outlier channel cannot hide it.
 
-The passes (quantize-static, quantize-dynamic) only choose settings and call ``QuantSearch.run``.
+Every temporary file (and whatever onnxruntime's helpers write into the working directory) lives in a
+private folder removed on every exit path (``private_workdir``). The passes (quantize-static,
+quantize-dynamic) turn the typed ``QuantOutcome`` of ``quantize_pass`` into a PassResult.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
 import platform
+import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,17 +42,19 @@ from onnxslim.calibration import CalibrationData
 from onnxslim.errors import InputError
 from onnxslim.protowalk import opset_of, prune_opsets  # noqa: F401 - part of this module's interface
 from onnxslim.runtime import quiet_ort  # noqa: F401
-from onnxslim.validate import compare_models, make_inputs, static_batch
+from onnxslim.validate import compare_models, make_inputs, score_outputs, static_batch
 
 PER_CHANNEL_MIN_OPSET = 13  # DequantizeLinear gained 'axis' in opset 13
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "LSTM")
 LATENCY_BATCHES = (1, 64)
-LATENCY_SECONDS = 1.0  # per batch and candidate; paired runs make this enough on a busy machine
+# per batch and candidate; paired CPU-time runs make this enough on a busy machine (tests shorten it)
+LATENCY_SECONDS = float(os.environ.get("ONNXSLIM_QUANT_LATENCY_SECONDS", "1.0"))
 SEARCH_BUDGET = 8  # quantized candidates tried by the latency search
 FALLBACK_STEPS = 8  # accuracy fallback rounds
 FALLBACK_PATIENCE = 3  # rounds without improvement before giving up
 DEBUG_SAMPLES = 32  # samples used to rank nodes by quantization error
 NOISE = 0.05  # relative latency noise: within this of a threshold, measure again
+CLEARLY_SLOWER = 1.25  # a candidate this much slower than the best at batch 1 is not timed at other batches
 
 
 # ------------------------------------------------------------------------------------ machine defaults
@@ -60,10 +71,13 @@ def has_vnni() -> bool:
 def machine_defaults() -> dict[str, Any]:
     """The static settings that are fastest at unchanged accuracy on this CPU.
 
-    x86 (measured, tools/bench_quant.py): UInt8 activations, Int8 per-channel weights. onnxruntime's own
-    default, Int8 activations, ran the digits CNN 1.8x slower than fp32; U8/S8 ran it at 0.6x. Without
-    VNNI, 7-bit weights (reduce_range) avoid the u8*s8 saturation of the AVX2 kernels, and ARM gets Int8
-    activations: both as onnxruntime's quantize_static documentation advises (not measured here).
+    x86 (``tools/bench_quant.py --forms``): uint8 activations with int8 weights (U8S8) are the fastest form
+    on every model measured. AMD EPYC, AVX2, no VNNI, latency INT8/float at batch 1/64: digits CNN U8S8
+    0.81x/0.64x, U8U8 1.04x/0.93x, S8S8 QDQ 1.55x/1.45x, S8S8 QOperator 4.6x/5.6x; MobileNet-like
+    0.86x/0.71x vs U8U8 1.17x/0.97x and S8S8 1.7x/1.6x. QDQ and QOperator ran alike for U8S8, and
+    reduce_range did not change the speed. Without VNNI, the AVX2 u8*s8 kernels sum pairs into
+    saturating 16 bits, so 7-bit weights (reduce_range) keep the accuracy, as onnxruntime advises; ARM
+    gets int8 activations, also as onnxruntime's documentation advises (not measured here).
     """
     arch = platform.machine().lower()
     if arch in ("arm64", "aarch64") or arch.startswith("arm"):
@@ -96,6 +110,8 @@ class QuantConfig:
     def label(self) -> str:
         if self.kind == "dynamic":
             s = f"dynamic, {self.weight} {'per-channel' if self.per_channel else 'per-tensor'} weights"
+            if self.reduce_range:
+                s += ", 7-bit weights"
         else:
             s = (f"{self.fmt.upper()}, {self.activation} activations{' (symmetric)' if self.symmetric else ''}, "
                  f"{self.weight} {'per-channel' if self.per_channel else 'per-tensor'} weights, {self.method}")
@@ -303,8 +319,10 @@ class Quantizer:
                     if full.exists():
                         cache = full  # a superset of the tensors of any op-type subset
                 extra: dict[str, Any] = {"ActivationSymmetric": cfg.symmetric, "WeightSymmetric": True}
-                if cfg.method == "minmax" and self.data is not None and self.data.size > 8 * self.data.batch_size:
-                    extra["CalibMaxIntermediateOutputs"] = 8  # bounded memory on big calibration sets
+                # Never CalibMaxIntermediateOutputs: onnxruntime (1.32) drops every full chunk of collected
+                # ranges without merging them, so only the last partial chunk calibrates, and a batch count
+                # that is a multiple of the chunk ("No data is collected.": 160 batches of a fixed batch 1)
+                # fails. MinMax keeps one min/max per tensor and batch, which is small anyway.
                 reader = calib_reader(self.data, self.model) if self.data is not None else None
                 quantize_static(str(self.path), str(out), reader,
                                 quant_format=QuantFormat.QDQ if cfg.fmt == "qdq" else QuantFormat.QOperator,
@@ -374,8 +392,10 @@ def judge(reference: ModelProto, candidate: ModelProto, feeds: dict[str, np.ndar
         chunk = 256
     if chunk is not None and n <= chunk:
         chunk = None
+    # The same judgement as the run's final validation (api.py), so the search never picks what it refuses.
     res = compare_models(reference, candidate, feeds, labels=labels, lossy=True, min_cosine=gate.min_cosine,
-                         max_acc_drop=gate.max_acc_drop, chunk=chunk, custom_op_library=custom_op_library)
+                         max_acc_drop=gate.max_acc_drop, chunk=chunk, custom_op_library=custom_op_library,
+                         min_top1=gate.min_top1, score_outputs=score_outputs(reference))
     cos = min((o.cosine for o in res.outputs), default=None)
     tops = [o.top1_agreement for o in res.outputs if o.top1_agreement is not None]
     top1 = min(tops) if tops else None
@@ -390,26 +410,20 @@ def latency_batches(model: ModelProto) -> tuple[int, ...]:
     return (fixed,) if fixed is not None else LATENCY_BATCHES
 
 
-def measure_speed(reference: ModelProto, candidate: ModelProto, input_shapes: dict[str, list[int]],
-                  batches: tuple[int, ...], seconds: float | None = None) -> dict[int, dict[str, float]]:
-    """Latency of both models per batch (one thread each), paired run by run in one process."""
-    from onnxslim.runtime import make_session, paired_latency
+def time_pair(reference: ModelProto, candidate: ModelProto, feeds_by_batch: dict[int, dict[str, np.ndarray]],
+              seconds: float | None = None, custom_op_library: str | None = None) -> dict[str, dict[str, Any]]:
+    """The one latency measurement (``onnxslim.runtime.latency_table``): ratio = candidate / reference."""
+    from onnxslim.runtime import latency_table
 
-    sa, sb = make_session(reference, threads=1), make_session(candidate, threads=1)
-    out: dict[int, dict[str, float]] = {}
-    for b in batches:
-        feeds = make_inputs(reference, input_shapes, batch=b, seed=1)
-        ref_ms, cand_ms, ratio = paired_latency(sa, sb, feeds, seconds=LATENCY_SECONDS if seconds is None else seconds)
-        out[b] = {"before_ms": ref_ms, "after_ms": cand_ms, "speedup": 1.0 / ratio if ratio else 0.0}
-    return out
+    return latency_table(reference, candidate, feeds_by_batch, custom_op_library=custom_op_library,
+                         seconds=LATENCY_SECONDS if seconds is None else seconds)
 
 
 # ------------------------------------------------------------------------------------ error ranking
 
-def _dump_activations(model: ModelProto, feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Every float tensor a node produces, per sample (batches concatenated), shapes kept.
-
-    Like qdq_loss_debug.collect_activations, but without flattening: the error is measured per channel."""
+def _activation_session(model: ModelProto) -> tuple[Any, list[str]]:
+    """A session of ``model`` whose outputs are every float tensor a node produces (shapes kept, unlike
+    qdq_loss_debug.collect_activations: the error is measured per channel), and their names."""
     import onnxruntime as ort
 
     m = copy.deepcopy(model)
@@ -430,18 +444,52 @@ def _dump_activations(model: ModelProto, feeds: list[dict[str, np.ndarray]]) -> 
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
     so.log_severity_level = 3
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
-    for f in feeds:
-        for k, v in zip(names, sess.run(names, f)):
-            parts[k].append(np.asarray(v))
-    out = {}
-    for k, v in parts.items():
-        try:
-            out[k] = np.concatenate(v) if v and v[0].ndim else v[0]
-        except ValueError:
-            pass  # no common batch axis: not comparable sample by sample
-    return out
+    return sess, [o.name for o in sess.get_outputs()]
+
+
+class ChannelSqnr:
+    """Per-channel signal and noise energies of one tensor pair, summed batch by batch (so the
+    activations of a whole calibration set are never held at once: a ViT-S/16 at 64 samples needed
+    21.8 GB when they were). ``value`` is the SQNR in dB averaged over the live channels."""
+
+    def __init__(self) -> None:
+        self.sig: np.ndarray | None = None
+        self.noise: np.ndarray | None = None
+        self.valid = True
+
+    def add(self, ref: np.ndarray, test: np.ndarray) -> None:
+        if not self.valid:
+            return
+        if ref.shape != test.shape:
+            self.valid = False
+            return
+        r, t = ref.astype(np.float64), test.astype(np.float64)
+        if r.ndim < 2:
+            r, t = r.reshape(1, -1), t.reshape(1, -1)  # one "channel": the tensor's overall SQNR
+        else:
+            axis = 1 if r.ndim == 4 else r.ndim - 1
+            r = np.moveaxis(r, axis, 0).reshape(r.shape[axis], -1)
+            t = np.moveaxis(t, axis, 0).reshape(t.shape[axis], -1)
+        sig, noise = (r * r).sum(1), ((r - t) ** 2).sum(1)
+        if self.sig is None:
+            self.sig, self.noise = sig, noise
+        elif self.sig.shape != sig.shape:
+            self.valid = False  # the channel count changed between batches: not comparable
+        else:
+            self.sig += sig
+            self.noise += noise
+
+    def value(self) -> float:
+        if not self.valid or self.sig is None:
+            return float("nan")
+        eps2 = np.finfo(float).eps ** 2
+        if self.sig.size == 1:  # qdq_loss_debug's definition, from the sums
+            return float(10 * np.log10(max(self.sig[0], eps2) / max(self.noise[0], eps2)))
+        live = self.sig > 1e-9 * max(self.sig.max(), 1e-30)  # channels that are (almost) always zero carry no signal
+        if not live.any():
+            return float(10 * np.log10(max(self.sig.sum(), eps2) / max(self.noise.sum(), eps2)))
+        sig, noise = self.sig[live], self.noise[live]
+        return float(np.mean(10 * np.log10(sig / np.maximum(noise, sig * 1e-12))))  # exact channels: 120 dB
 
 
 def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
@@ -459,20 +507,9 @@ def channel_sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
     One number per tensor hides the classic INT8 failure: an outlier channel (|x| = 300 among values
     near 1) widens the scale until every other channel drowns in rounding noise, while the tensor's
     overall SQNR, dominated by the outlier's energy, still looks fine. Per channel it does not."""
-    if ref.shape != test.shape:
-        return float("nan")
-    if ref.ndim < 2:
-        return sqnr_db(ref, test)
-    axis = 1 if ref.ndim == 4 else ref.ndim - 1
-    r = np.moveaxis(ref.astype(np.float64), axis, 0).reshape(ref.shape[axis], -1)
-    t = np.moveaxis(test.astype(np.float64), axis, 0).reshape(ref.shape[axis], -1)
-    sig = (r * r).sum(1)
-    noise = ((r - t) ** 2).sum(1)
-    live = sig > 1e-9 * max(sig.max(), 1e-30)  # channels that are (almost) always zero carry no signal
-    if not live.any():
-        return sqnr_db(ref, test)
-    sig, noise = sig[live], noise[live]
-    return float(np.mean(10 * np.log10(sig / np.maximum(noise, sig * 1e-12))))  # exact channels: 120 dB
+    acc = ChannelSqnr()
+    acc.add(ref, test)
+    return acc.value()
 
 
 def rank_nodes(float_model: ModelProto, quant_model: ModelProto, data: CalibrationData, candidates: set[str],
@@ -490,11 +527,29 @@ def rank_nodes(float_model: ModelProto, quant_model: ModelProto, data: Calibrati
 
     sub = data.subset(samples)
     names = [i.name for i in graph_inputs(float_model)]
-    feeds = [{k: v for k, v in b.items() if k in names} for b in sub.batches()]
-    fa = _dump_activations(float_model, feeds)
-    qa = _dump_activations(quant_model, feeds)
-    for k in names:  # graph inputs are quantized too (their Q/DQ pair is the first loss)
-        fa[k] = np.concatenate([f[k] for f in feeds])
+    fsess, fnames = _activation_session(float_model)
+    qsess, qnames = _activation_session(quant_model)
+    fset, qset = set(fnames) | set(names), set(qnames)  # graph inputs are quantized too (their Q/DQ pair is the first loss)
+
+    # Which quantized tensor each float tensor is compared with: after its Q/DQ pair (post) or before it (pre).
+    def partner(t: str, pre: bool) -> str | None:
+        if pre:
+            if t + QUANT_INPUT_SUFFIX in qset:
+                return t + QUANT_INPUT_SUFFIX
+            return t if t + DEQUANT_OUTPUT_SUFFIX in qset and t in qset else None
+        return t + DEQUANT_OUTPUT_SUFFIX if t + DEQUANT_OUTPUT_SUFFIX in qset else (t if t in qset else None)
+
+    pairs = {(t, pre): qt for t in fset for pre in (False, True) if (qt := partner(t, pre)) is not None}
+    acc = {key: ChannelSqnr() for key in pairs}
+    for batch in sub.batches():  # one batch of both models' activations in memory at a time
+        feed = {k: v for k, v in batch.items() if k in names}
+        fa = dict(zip(fnames, fsess.run(fnames, feed)))
+        fa.update(feed)
+        qa = dict(zip(qnames, qsess.run(qnames, feed)))
+        for (t, pre), qt in pairs.items():
+            if t in fa and qt in qa:
+                acc[(t, pre)].add(np.asarray(fa[t]), np.asarray(qa[qt]))
+        del fa, qa
     graph_in = set(names)
     producer = {o: n for n in float_model.graph.node for o in n.output}
     consumers: dict[str, list[str]] = {}
@@ -506,14 +561,10 @@ def rank_nodes(float_model: ModelProto, quant_model: ModelProto, data: Calibrati
 
     def sq(t: str, pre: bool = False) -> float | None:
         """SQNR of tensor t as its consumers see it (after its Q/DQ pair), or before the pair (pre)."""
-        if t in graph_in and (pre or t + DEQUANT_OUTPUT_SUFFIX not in qa):
+        if t in graph_in and (pre or t + DEQUANT_OUTPUT_SUFFIX not in qset):
             return cap
         if (t, pre) not in cache:
-            if pre:
-                q = qa.get(t + QUANT_INPUT_SUFFIX, qa.get(t) if t + DEQUANT_OUTPUT_SUFFIX in qa else None)
-            else:
-                q = qa.get(t + DEQUANT_OUTPUT_SUFFIX, qa.get(t))
-            v = channel_sqnr_db(fa[t], q) if t in fa and q is not None else float("nan")
+            v = acc[(t, pre)].value() if (t, pre) in acc else float("nan")
             cache[(t, pre)] = None if math.isnan(v) else min(cap, v)
         return cache[(t, pre)]
 
@@ -559,27 +610,33 @@ class Candidate:
     cfg: QuantConfig
     model: ModelProto
     quality: Quality
-    speed: dict[int, dict[str, float]] = field(default_factory=dict)
+    # runtime.latency_table: {"batch1": {"before_ms", "after_ms", "ratio"}}, ratio = INT8 / float
+    speed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stopped_early: bool = False  # timed at the first batch only: clearly slower there
+
+    @property
+    def ratio(self) -> float | None:
+        """The speed gate's number: geometric mean of the latency ratios (below 1 is faster)."""
+        from onnxslim.runtime import mean_ratio
+
+        return mean_ratio(self.speed)
 
     @property
     def speedup(self) -> float:
-        """The speed gate's number: geometric mean of the speedups at batch 1 and the large batch."""
-        if not self.speed:
-            return 0.0
-        return float(np.exp(np.mean([np.log(max(1e-9, v["speedup"])) for v in self.speed.values()])))
+        r = self.ratio
+        return 1.0 / r if r else 0.0
 
     @property
     def worst_speedup(self) -> float:
-        return min((v["speedup"] for v in self.speed.values()), default=0.0)
+        ratios = [v["ratio"] for v in self.speed.values() if v.get("ratio")]
+        return 1.0 / max(ratios) if ratios else 0.0
 
     def score(self) -> float:
         return self.speedup
 
     def row(self) -> dict[str, Any]:
         return {"config": self.cfg.label(), "size": self.model.ByteSize(), "quality": self.quality.to_dict(),
-                "speedup": {f"batch{b}": round(v["speedup"], 3) for b, v in self.speed.items()},
-                "latency_ms": {f"batch{b}": {"float": round(v["before_ms"], 4), "int8": round(v["after_ms"], 4)}
-                               for b, v in self.speed.items()}}
+                "latency": self.speed, "stopped_early": self.stopped_early}
 
 
 class QuantSearch:
@@ -588,7 +645,10 @@ class QuantSearch:
     def __init__(self, float_model: ModelProto, quantizer: Quantizer, reference: ModelProto,
                  feeds: dict[str, np.ndarray], labels: np.ndarray | None, gate: Gate, fixed: set[str],
                  input_shapes: dict[str, list[int]], progress: Callable[[str], None] = lambda m: None,
-                 custom_op_library: str | None = None, search: bool = True) -> None:
+                 custom_op_library: str | None = None, search: bool = True,
+                 latency_data: dict[str, np.ndarray] | None = None) -> None:
+        from onnxslim.validate import latency_feeds
+
         self.float_model = float_model
         self.q = quantizer
         self.reference = reference
@@ -603,7 +663,9 @@ class QuantSearch:
         self.before_fallback: Candidate | None = None
         self.failed: list[str] = []  # configurations onnxruntime could not quantize or run
         self.fallback_steps: list[dict[str, Any]] = []
-        self.batches = latency_batches(float_model)
+        # Timing inputs: the user's data where given (real ids and lengths), else valid generated inputs.
+        self.latency_feeds = latency_feeds(float_model, input_shapes, latency_data)
+        self.best_ratio: float | None = None  # of the fastest accurate candidate timed so far
 
     def evaluate(self, cfg: QuantConfig, timed: bool = True) -> Candidate:
         self.progress(f"quantizing: {cfg.label()}")
@@ -615,33 +677,61 @@ class QuantSearch:
         self.tried.append(cand)
         return cand
 
-    def time(self, cand: Candidate) -> None:
+    def time(self, cand: Candidate, early_stop: bool = False) -> None:
+        """Latency of ``cand`` against the float model on every batch size. With ``early_stop``, a
+        candidate clearly slower than the best so far at the first batch size is not timed further."""
         self.progress(f"timing: {cand.cfg.label()}")
-        cand.speed = measure_speed(self.float_model, cand.model, self.input_shapes, self.batches)
-        if self.gate.min_speedup is not None and abs(cand.speedup / self.gate.min_speedup - 1) < NOISE:
-            again = measure_speed(self.float_model, cand.model, self.input_shapes, self.batches,
-                                  seconds=2 * LATENCY_SECONDS)
-            for b, v in again.items():  # near the threshold: average two measurements
-                cand.speed[b] = {k: (cand.speed[b][k] + v[k]) / 2 for k in v}
+        batches = list(self.latency_feeds)
+        if early_stop and len(batches) > 1 and self.best_ratio is not None:
+            first = time_pair(self.float_model, cand.model, {batches[0]: self.latency_feeds[batches[0]]},
+                              custom_op_library=self.custom)
+            r = first.get(f"batch{batches[0]}", {}).get("ratio")
+            if r is not None and r > self.best_ratio * CLEARLY_SLOWER:
+                cand.speed, cand.stopped_early = first, True
+                return
+            rest = time_pair(self.float_model, cand.model, {b: self.latency_feeds[b] for b in batches[1:]},
+                             custom_op_library=self.custom)
+            cand.speed = {**first, **rest}
+        else:
+            cand.speed = time_pair(self.float_model, cand.model, self.latency_feeds, custom_op_library=self.custom)
+        if self.gate.min_speedup is not None and cand.ratio and abs(cand.ratio * self.gate.min_speedup - 1) < NOISE:
+            again = time_pair(self.float_model, cand.model, self.latency_feeds, seconds=2 * LATENCY_SECONDS,
+                              custom_op_library=self.custom)
+            for k, v in again.items():  # near the threshold: average two measurements
+                if "ratio" in v and "ratio" in cand.speed.get(k, {}):
+                    cand.speed[k] = {m: round((cand.speed[k][m] + v[m]) / 2, 4) for m in v}
+        if cand.ratio is not None and (self.best_ratio is None or cand.ratio < self.best_ratio):
+            if cand.quality.passed and not cand.stopped_early:
+                self.best_ratio = cand.ratio
 
     def goal(self) -> float:
-        return max(1.0, self.gate.min_speedup or 1.0)
+        """The speedup at every batch size that ends the search. A form within noise of float at some
+        batch size is no win there (digits MLP static per-channel: 0.98x at batch 1, per-tensor 0.87x),
+        so the search looks further until each batch gains more than NOISE, or the budget runs out."""
+        return max(1.0 / (1.0 - NOISE), self.gate.min_speedup or 1.0)
 
     def moves(self, cfg: QuantConfig) -> list[QuantConfig]:
-        """What can win when INT8 is slower, in the order worth trying."""
+        """What can win when INT8 is slower, in the order worth trying.
+
+        Order and omissions from ``tools/bench_quant.py --forms`` (AMD EPYC, AVX2, no VNNI; ratios INT8/float
+        at batch 1/64): per-tensor weights win on small Gemms (digits MLP static 1.03x/0.68x -> 0.87x/0.64x);
+        float depthwise convs next; int8 activations ran 1.5-4.6x slower than float on every model there,
+        so without VNNI x86 never tries them; quantizing only the compute ops leaves Q/DQ pairs between them
+        (MobileNet-like 0.86x/0.71x -> 1.31x/1.20x), so it comes last."""
         out = []
         ops = {n.op_type for n in self.float_model.graph.node}
-        if depthwise_convs(self.float_model) and "DepthwiseConv" not in cfg.float_ops:
-            out.append(replace(cfg, float_ops=cfg.float_ops + ("DepthwiseConv",)))
         if cfg.kind == "dynamic" and "Conv" in ops and "Conv" not in cfg.float_ops and "op_types" not in self.fixed:
-            out.insert(0, replace(cfg, float_ops=cfg.float_ops + ("Conv",)))
-        if cfg.kind == "static" and "op_types" not in self.fixed and cfg.op_types is None:
-            out.append(replace(cfg, op_types=tuple(o for o in COMPUTE_OPS if o in ops)))
+            out.append(replace(cfg, float_ops=cfg.float_ops + ("Conv",)))
         if "per_channel" not in self.fixed:
             out.append(replace(cfg, per_channel=not cfg.per_channel))
+        if depthwise_convs(self.float_model) and "DepthwiseConv" not in cfg.float_ops:
+            out.append(replace(cfg, float_ops=cfg.float_ops + ("DepthwiseConv",)))
         if cfg.kind == "static" and "activation" not in self.fixed:
             other = "int8" if cfg.activation == "uint8" else "uint8"
-            out.append(replace(cfg, activation=other, symmetric=other == "int8" or cfg.symmetric))
+            if not (other == "int8" and _is_x86() and not has_vnni()):
+                out.append(replace(cfg, activation=other, symmetric=other == "int8" or cfg.symmetric))
+        if cfg.kind == "static" and "op_types" not in self.fixed and cfg.op_types is None:
+            out.append(replace(cfg, op_types=tuple(o for o in COMPUTE_OPS if o in ops)))
         heavy = [o for o in ("Conv", "MatMul", "Gemm") if o in ops]
         if len(heavy) > 1 and "op_types" not in self.fixed:
             out += [replace(cfg, float_ops=cfg.float_ops + (o,)) for o in heavy if o not in cfg.float_ops]
@@ -657,6 +747,8 @@ class QuantSearch:
                 break
             improved = False
             for cfg in self.moves(current.cfg):
+                if best is not None and best.worst_speedup >= self.goal():
+                    break  # fast enough at every batch size: the search is bounded, not exhaustive
                 if cfg.label() in seen or len(self.tried) >= SEARCH_BUDGET:
                     continue
                 seen.add(cfg.label())
@@ -667,7 +759,9 @@ class QuantSearch:
                     continue
                 if not quant_op_counts(c.model) or not c.quality.passed:
                     continue  # all float (that is the float model), or not accurate enough: not worth timing
-                self.time(c)
+                self.time(c, early_stop=True)
+                if c.stopped_early:
+                    continue
                 if c.quality.passed and (best is None or c.score() > best.score() * (1 + NOISE / 2)):
                     best, improved = c, True
             if not improved or best is None:
@@ -680,12 +774,23 @@ class QuantSearch:
         self.before_fallback = cand
         if not cand.cfg.per_channel and "per_channel" not in self.fixed:
             # Per-channel weights first: everything stays INT8 (dynamic MiniLM: cosine 0.962 -> 0.993).
-            self.progress("accuracy fallback: per-channel weights")
-            pc = self.evaluate(replace(cand.cfg, per_channel=True), timed=False)
-            self.fallback_steps.append({"step": 0, "change": "per-channel weights", "moved_to_float": [],
-                                        "ranking": [], "quality": pc.quality.to_dict(), "metric": pc.quality.summary()})
-            if pc.quality.score() > cand.quality.score():
-                cand = pc
+            best_pc = None
+            for form in per_channel_forms(cand.cfg, self.fixed):
+                self.progress(f"accuracy fallback: per-channel weights ({form.label()})")
+                try:
+                    pc = self.evaluate(form, timed=False)
+                except Exception as e:  # noqa: BLE001 - one failing form must not end the fallback
+                    self.failed.append(f"{form.label()}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                    continue
+                self.fallback_steps.append({"step": 0, "change": "per-channel weights", "form": form.label(),
+                                            "moved_to_float": [], "ranking": [], "quality": pc.quality.to_dict(),
+                                            "metric": pc.quality.summary()})
+                if best_pc is None or pc.quality.score() > best_pc.quality.score():
+                    best_pc = pc
+                if pc.quality.passed:
+                    break
+            if best_pc is not None and best_pc.quality.score() > cand.quality.score():
+                cand = best_pc
         steps = 0
         best_score, stale = cand.quality.score(), 0
         n_quant = sum(1 for n in self.float_model.graph.node if n.op_type in (cand.cfg.op_types or COMPUTE_OPS))
@@ -720,7 +825,7 @@ class QuantSearch:
                     break  # moving more nodes to float does not help: the gate is out of reach
         if self.fallback_steps and cand.quality.passed:  # a refused result needs no timing
             self.progress("timing the fallback result")
-            cand.speed = measure_speed(self.float_model, cand.model, self.input_shapes, self.batches)
+            self.time(cand)
         return cand
 
     def run(self, start: QuantConfig, data: CalibrationData | None, timed: bool = True) -> Candidate:
@@ -731,6 +836,27 @@ class QuantSearch:
         if not best.quality.passed and data is not None:
             best = self.fallback(best, data)
         return best
+
+
+def per_channel_forms(cfg: QuantConfig, fixed: set[str]) -> list[QuantConfig]:
+    """The per-channel variants of ``cfg`` worth trying for accuracy on this CPU, best first.
+
+    Without VNNI, x86 INT8 kernels multiply u8 x s8 pairs into saturating 16-bit sums (AVX2 vpmaddubsw);
+    per-channel scales fill the 8-bit range in every column and saturate more often than per-tensor ones:
+    measured on the 2-layer transformer (dynamic, AVX2): cosine per-tensor 0.99991, per-channel s8 0.99946,
+    per-channel s8 7-bit 0.99988, per-channel u8 0.99994 (u8 x u8 kernels do not saturate). So there, the
+    7-bit form is tried first, then (dynamic, weight type not fixed) uint8 weights."""
+    base = replace(cfg, per_channel=True)
+    if has_vnni() or not _is_x86():
+        return [base]
+    forms = [replace(base, reduce_range=True)]
+    if cfg.kind == "dynamic" and "weight" not in fixed and cfg.weight == "int8":
+        forms.append(replace(base, weight="uint8", reduce_range=False))
+    return forms
+
+
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
 
 def _quantizable_nodes(model: ModelProto, cfg: QuantConfig) -> set[str]:
@@ -802,40 +928,108 @@ def _prepare(model: ModelProto, cfg: QuantConfig, kind: str, notes: list[str]) -
     return prep, cfg
 
 
-def quantize_pass(model: ModelProto, ctx: Any, kind: str, options: Any) -> Any:
-    """The body of the quantize-static / quantize-dynamic passes: returns a PassResult."""
-    from onnxslim.manager import PassResult
+@dataclass
+class QuantOutcome:
+    """What a quantize pass did; passes/quantize.py turns it into a PassResult."""
+
+    changed: bool
+    model: ModelProto | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def private_workdir(prefix: str = "onnxslim-quant-") -> Iterator[Path]:
+    """A private temporary folder that is also the working directory and ``tempfile``'s folder meanwhile.
+
+    onnxruntime's helpers write next to the process: symbolic shape inference saves
+    ``sym_shape_infer_temp.onnx`` + a ``<uuid>`` external-data file into the cwd when it gives up. Inside
+    this context they land here, and the folder goes on every exit path (success, refusal, error, Ctrl-C)."""
+    old_cwd, old_tmp = os.getcwd(), tempfile.tempdir
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        os.chdir(folder)
+        tempfile.tempdir = str(folder)
+        yield folder
+    finally:
+        os.chdir(old_cwd)
+        tempfile.tempdir = old_tmp
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+
+
+def cpu_description() -> str:
+    """e.g. 'AMD EPYC (x86_64, AVX2, no AVX-512, no VNNI)': named in 'INT8 is not faster here' messages."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")),
+                platform.processor() or "CPU")
+    flags = cpu_flags()
+    if not flags:
+        return f"{name} ({platform.machine()})"
+    isa = ["AVX2" if "avx2" in flags else "no AVX2", "AVX-512" if "avx512f" in flags else "no AVX-512",
+           "VNNI" if has_vnni() else "no VNNI"]
+    return f"{name} ({platform.machine()}, {', '.join(isa)})"
+
+
+def _fmt_ratios(table: dict[str, dict[str, Any]]) -> str:
+    got = {k.removeprefix("batch"): v["ratio"] for k, v in table.items() if "ratio" in v}
+    if not got:
+        return "not timed"
+    return f"{'/'.join(f'{r:.2f}x' for r in got.values())} the float latency at batch {'/'.join(got)}"
+
+
+def quantize_pass(model: ModelProto, ctx: Any, kind: str, options: Any) -> QuantOutcome:
+    """The body of the quantize-static / quantize-dynamic passes. ``ctx`` is the run's Context (read, and
+    warnings / gate failures appended); every temporary file lives in a private folder (``private_workdir``)."""
     from onnxslim.model import PROTO_LIMIT
+    from onnxslim.runtime import speed_gate
 
     if not {n.op_type for n in model.graph.node} & set(COMPUTE_OPS + ("Gather", "EmbedLayerNormalization")):
         ctx.warn(f"quantize-{kind}: nothing to quantize (no {'/'.join(COMPUTE_OPS)} node); the model is left in float")
-        return PassResult(changed=False, notes=[f"nothing to quantize: no {'/'.join(COMPUTE_OPS)} node"])
+        return QuantOutcome(changed=False, notes=[f"nothing to quantize: no {'/'.join(COMPUTE_OPS)} node"])
     data = ctx.calibration(model, required=kind == "static")
+    holdout = ctx.holdout(model) if hasattr(ctx, "holdout") else None
     cfg, fixed, why = config_from_options(options, kind, model)
     gate = gate_from_options(ctx.run)
     notes: list[str] = []
-    prep, cfg = _prepare(model, cfg, kind, notes)
-
     reference = ctx.original.proto if ctx.original is not None and ctx.original.proto.ByteSize() < PROTO_LIMIT else model
+    # The gate judges on data the calibration did not see: --inputs, else the held-out part of --calib.
     feeds, labels = ctx.inputs, getattr(ctx, "labels", None)
+    if feeds is None and holdout is not None:
+        feeds, labels = holdout.inputs, holdout.labels
     if feeds is None:
         if data is not None and data.measured:
             feeds, labels = data.inputs, data.labels
         else:
             feeds = make_inputs(reference, ctx.input_shapes)
-    custom = ctx.custom_op_library
-    with tempfile.TemporaryDirectory(prefix="onnxslim-quant-") as tmp:
-        search = QuantSearch(prep, Quantizer(prep, data, Path(tmp)), reference, feeds, labels, gate, fixed,
-                             ctx.input_shapes, ctx.progress, custom, search=gate.min_speedup is not None)
+    # Timing runs on the user's data where there is some (valid ids, real sequence lengths).
+    latency_data = ctx.inputs if ctx.inputs is not None else (data.inputs if data is not None else None)
+    custom = os.path.abspath(ctx.custom_op_library) if ctx.custom_op_library else None  # the cwd changes below
+    with private_workdir() as tmp:
+        prep, cfg = _prepare(model, cfg, kind, notes)
+        search = QuantSearch(prep, Quantizer(prep, data, tmp), reference, feeds, labels, gate, fixed,
+                             ctx.input_shapes, ctx.progress, custom, search=gate.min_speedup is not None,
+                             latency_data=latency_data)
         # The fallback ranks nodes on calibration data, else (dynamic without --calib) on the validation inputs.
         best = search.run(cfg, data if data is not None else CalibrationData(feeds, None, "validation inputs"))
 
     first = search.tried[0]
     float_nodes = sorted(set(best.cfg.exclude) | set(search.q._nodes_for(best.cfg)) - set(cfg.exclude))
     size_x = size_ratio(model, best.model)
-    speed_txt = (", ".join(f"batch {b}: {1 / v['speedup']:.2f}x the float latency" for b, v in best.speed.items())
-                 or "not timed (it misses the accuracy gate)")
+    speed_txt = _fmt_ratios(best.speed) if best.speed else "not timed (it misses the accuracy gate)"
     notes.insert(0, f"{kind} quantization: {best.cfg.label()} (defaults for this machine: {why})")
+
     def names(xs: list[str]) -> str:
         return ", ".join(xs[:6]) + (f" and {len(xs) - 6} more" if len(xs) > 6 else "")
 
@@ -849,38 +1043,44 @@ def quantize_pass(model: ModelProto, ctx: Any, kind: str, options: Any) -> Any:
         notes.append(f"kept in float: {names(float_nodes)}")
     for f in search.failed:
         notes.append(f"skipped (onnxruntime failed): {f}")
+    early = sum(1 for c in search.tried if c.stopped_early)
+    if early:
+        notes.append(f"{early} configuration(s) stopped after batch {next(iter(search.latency_feeds))}: "
+                     f"more than {CLEARLY_SLOWER:.2f}x the best one's latency there")
     notes.append(f"result: file {size_x:.2f}x, {speed_txt}; {best.quality.summary()}")
     if kind == "dynamic" and "Conv" in {n.op_type for n in prep.graph.node} and first.speed:
         slow = 1 / first.worst_speedup if first.worst_speedup else float("inf")
         if slow > 1:
-            ctx.warn(f"quantize-dynamic: dynamic INT8 Conv (ConvInteger) ran up to {slow:.1f}x slower than float; " + ("Conv kept in float. " if "Conv" in best.cfg.float_ops else "")
+            ctx.warn(f"quantize-{kind}: dynamic INT8 Conv (ConvInteger) ran up to {slow:.1f}x slower than float; " + ("Conv kept in float. " if "Conv" in best.cfg.float_ops else "")
                      + "For Conv-heavy models use --passes quantize-static (calibrated QDQ)")
-    slower = [b for b, v in best.speed.items() if v["speedup"] < 1.0 + NOISE / 2]
-    if slower:
-        ctx.warn(f"quantize-{kind}: the INT8 model is NOT FASTER than float at batch {' and '.join(map(str, slower))} "
-                 f"({speed_txt}) after trying {len(search.tried)} configuration(s)")
+    timed = [c for c in search.tried if c.speed and not c.stopped_early]
+    if best.speed and best.ratio is not None and best.ratio > 1.0 - NOISE / 2:
+        fastest = min(timed, key=lambda c: c.ratio or float("inf"), default=best)
+        ctx.warn(f"quantize-{kind}: INT8 is NOT FASTER than float on this CPU ({cpu_description()}): "
+                 f"{speed_txt} ({best.cfg.label()}); fastest of {len(search.tried)} configuration(s) tried: "
+                 f"{_fmt_ratios(fastest.speed)}")
     if size_x >= 1.0:
-        why = (f"{len(float_nodes)} node(s) are kept in float" if float_nodes
-               else "the model is too small for the quantization parameters to pay off")
-        ctx.warn(f"quantize-{kind}: the INT8 file is not smaller ({size_x:.2f}x): {why}")
-    if gate.min_speedup is not None and best.speed and best.speedup < gate.min_speedup:
-        ctx.gate_failures.append(
-            f"quantize-{kind}: speedup {best.speedup:.2f}x (geometric mean over batch "
-            f"{' and '.join(map(str, best.speed))}) < --min-speedup "
-            f"{gate.min_speedup:g} ({len(search.tried)} configuration(s) tried; --objective size keeps it for its size)")
+        why_big = (f"{len(float_nodes)} node(s) are kept in float" if float_nodes
+                   else "the model is too small for the quantization parameters to pay off")
+        ctx.warn(f"quantize-{kind}: the INT8 file is not smaller ({size_x:.2f}x): {why_big}")
+    if gate.min_speedup is not None and best.speed:
+        failure = speed_gate(f"quantize-{kind}", best.speed, gate.min_speedup)
+        if failure:
+            ctx.gate_failures.append(f"{failure} ({len(search.tried)} configuration(s) tried on {cpu_description()}; "
+                                     "--objective size keeps it for its size)")
     if gate.objective == "size" and size_x >= 1.0:
         ctx.gate_failures.append(f"quantize-{kind}: --objective size but the file is {size_x:.2f}x the float file")
     if not best.quality.passed:
         ctx.gate_failures.append(f"quantize-{kind}: {best.quality.reason} with {len(float_nodes)} node(s) in float")
 
     details = {
-        "kind": kind, "config": best.cfg.label(), "machine_defaults": why,
+        "kind": kind, "config": best.cfg.label(), "machine_defaults": why, "cpu": cpu_description(),
         "settings": {"format": best.cfg.fmt, "method": best.cfg.method, "activation_type": best.cfg.activation,
                      "weight_type": best.cfg.weight, "per_channel": best.cfg.per_channel,
                      "symmetric": best.cfg.symmetric, "reduce_range": best.cfg.reduce_range,
                      "op_types": list(best.cfg.op_types or []), "float_op_types": list(best.cfg.float_ops)},
         "notes": notes, "size_ratio": round(size_x, 4), "quality": best.quality.to_dict(),
-        "latency": {f"batch{b}": v for b, v in best.speed.items()},
+        "latency": best.speed,
         "candidates": [c.row() for c in search.tried],
         "fallback": search.fallback_steps, "nodes_in_float": float_nodes, "failed_configurations": search.failed,
         "quant_ops": quant_op_counts(best.model),
@@ -888,6 +1088,7 @@ def quantize_pass(model: ModelProto, ctx: Any, kind: str, options: Any) -> Any:
                                                   "batch": data.batch_size, "measured": data.measured},
     }
     stats = {"size_ratio": round(size_x, 4), "candidates": len(search.tried), "nodes_in_float": len(float_nodes)}
-    for b, v in best.speed.items():
-        stats[f"speedup_b{b}"] = round(v["speedup"], 3)
-    return PassResult(changed=True, stats=stats, notes=notes, model=best.model, details=details)
+    for k, v in best.speed.items():
+        if "ratio" in v:
+            stats[f"latency_ratio_{k.replace('batch', 'b')}"] = v["ratio"]
+    return QuantOutcome(changed=True, model=best.model, stats=stats, notes=notes, details=details)

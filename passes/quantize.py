@@ -16,7 +16,7 @@ from onnx import ModelProto
 
 from onnxslim.manager import Context, Pass, PassResult, register
 from onnxslim.options import option
-from onnxslim.quantization import quantize_pass
+from onnxslim.quantization import QuantOutcome, quantize_pass
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,10 @@ class QuantOptions:
     quant_exclude: str | None = option(None, "Comma-separated node names kept in float.")
 
 
+def _result(out: QuantOutcome) -> PassResult:
+    return PassResult(changed=out.changed, stats=out.stats, notes=out.notes, model=out.model, details=out.details)
+
+
 @register
 class QuantizeStatic(Pass):
     name = "quantize-static"
@@ -45,7 +49,7 @@ class QuantizeStatic(Pass):
     report_section = "quantize"
 
     def run(self, model: ModelProto, ctx: Context) -> PassResult:
-        return quantize_pass(model, ctx, "static", self.options)
+        return _result(quantize_pass(model, ctx, "static", self.options))
 
 
 @register
@@ -58,4 +62,4 @@ class QuantizeDynamic(Pass):
     report_section = "quantize"
 
     def run(self, model: ModelProto, ctx: Context) -> PassResult:
-        return quantize_pass(model, ctx, "dynamic", self.options)
+        return _result(quantize_pass(model, ctx, "dynamic", self.options))

@@ -1,6 +1,7 @@
 """Quantization benchmark: onnxslim beside onnxruntime.quantization's defaults, with the acceptance checks.
 
     python tools/bench_quant.py [--seconds 2] [--json bench_quant.json]
+    python tools/bench_quant.py --forms [--seconds 1] [--rounds 2]   # which INT8 forms are fast on this CPU
 
 Tables (latency: one thread, median of interleaved runs in one process; ratios are per-run ratios
 against fp32, so load from other processes hits both sides of each ratio):
@@ -137,11 +138,118 @@ def kb(p: Path) -> float:
     return p.stat().st_size / 1024
 
 
+# ------------------------------------------------------------------------------------ --forms sweep
+
+def cpu_class() -> dict:
+    """CPU name and the ISA flags INT8 kernels depend on (x86 /proc/cpuinfo)."""
+    import platform
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
+                platform.processor() or platform.machine())
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    return {"cpu": name, "arch": platform.machine(), "avx2": "avx2" in flags, "avx512": "avx512f" in flags,
+            "vnni": bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})}
+
+
+def form_configs(kind: str, ops: set[str]):
+    """The INT8 forms worth knowing about: format x types x reduce_range x per-channel (+ op subsets)."""
+    from onnxslim.quantization import QuantConfig
+
+    out = []
+    if kind == "dynamic":
+        for w in ("int8", "uint8"):
+            for pc in (False, True):
+                for rr in (False, True):
+                    out.append(QuantConfig(kind="dynamic", fmt="qoperator", weight=w, per_channel=pc, reduce_range=rr))
+        return out
+    for fmt in ("qdq", "qoperator"):
+        for act, w in (("uint8", "int8"), ("uint8", "uint8"), ("int8", "int8")):
+            for pc in (False, True):
+                for rr in (False, True):
+                    if act == "int8" and rr:
+                        continue  # S8S8 has no saturation to avoid
+                    out.append(QuantConfig(fmt=fmt, activation=act, weight=w, per_channel=pc, reduce_range=rr,
+                                           symmetric=act == "int8"))
+    heavy = tuple(o for o in ("Conv", "MatMul", "Gemm") if o in ops)
+    out.append(QuantConfig(op_types=heavy))  # compute ops only
+    for o in heavy:
+        out.append(QuantConfig(op_types=tuple(x for x in heavy if x != o) or None, float_ops=(o,)))
+    if any(o == "Conv" for o in ops):
+        out.append(QuantConfig(float_ops=("DepthwiseConv",)))
+    return out
+
+
+def forms_main(seconds: float, rounds: int, json_path: str | None, only: list[str] | None) -> int:
+    """Per model: every form's latency ratio (INT8 / float, runtime.latency_table) at batch 1 and 64."""
+    from onnxslim.calibration import CalibrationData
+    from onnxslim.quantization import QuantConfig, Quantizer, _prepare, quiet_ort
+    from onnxslim.runtime import latency_table as ratio_table
+    from onnxslim.validate import latency_feeds
+
+    cpu = cpu_class()
+    print(f"cpu: {cpu['cpu']} ({cpu['arch']}; avx2 {cpu['avx2']}, avx512 {cpu['avx512']}, vnni {cpu['vnni']}); "
+          f"load average {Path('/proc/loadavg').read_text().split()[0]}")
+    rng = np.random.default_rng(0)
+    digits = np.load(MODELS / "digits_calib.npz")["input"]
+    plan = [("digits_cnn", "static", digits), ("digits_mlp", "dynamic", digits), ("digits_mlp", "static", digits),
+            ("struct_mobilenetv2", "static", rng.standard_normal((32, 3, 64, 64)).astype(np.float32)),
+            ("struct_transformer", "dynamic", rng.standard_normal((32, 16, 64)).astype(np.float32))]
+    result: dict = {"cpu": cpu, "models": {}}
+    for stem, kind, x in plan:
+        if only and stem not in only:
+            continue
+        model = onnx.load(MODELS / f"{stem}.onnx")
+        data = CalibrationData({"input": x}, batch_size=16)
+        with tempfile.TemporaryDirectory(prefix="bench-forms-") as tmp:
+            notes: list[str] = []
+            prep, _ = _prepare(model, QuantConfig(kind=kind), kind, notes)
+            q = Quantizer(prep, data if kind == "static" else None, Path(tmp))  # one calibration, reused
+            feeds = latency_feeds(prep, {}, {"input": x})
+            ref = Path(tmp) / "float.onnx"
+            rows = []
+            for cfg in form_configs(kind, {n.op_type for n in prep.graph.node}):
+                try:
+                    with quiet_ort():
+                        qm = q.quantize(cfg)
+                except Exception as e:  # noqa: BLE001 - a form onnxruntime cannot build is a result too
+                    rows.append({"form": cfg.label(), "error": str(e).splitlines()[0][:80]})
+                    continue
+                cand = Path(tmp) / "cand.onnx"
+                onnx.save(qm, cand)
+                per_b: dict[str, list[float]] = {}
+                for _ in range(rounds):
+                    for k, v in ratio_table(ref, cand, feeds, seconds=seconds).items():
+                        if "ratio" in v:
+                            per_b.setdefault(k, []).append(v["ratio"])
+                rows.append({"form": cfg.label(), **{k: float(np.median(v)) for k, v in per_b.items()}})
+                print(f"  {stem} [{kind}] {cfg.label():<90} " + "  ".join(
+                    f"{k} {float(np.median(v)):.2f}x" for k, v in per_b.items()), flush=True)
+        result["models"][f"{stem} ({kind})"] = rows
+    print("\n| model | form | b1 | b64 |\n|---|---|---|---|")
+    for m, rows in result["models"].items():
+        for r in sorted(rows, key=lambda r: r.get("batch64", r.get("batch1", 9))):
+            cells = [f"{r[k]:.2f}x" if k in r else r.get("error", "-") for k in ("batch1", "batch64")]
+            print(f"| {m} | {r['form']} | {cells[0]} | {cells[1]} |")
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=2.0, help="timing budget per model set and batch")
     ap.add_argument("--json", help="write all numbers here")
+    ap.add_argument("--forms", action="store_true", help="measure every INT8 form on this CPU (see forms_main)")
+    ap.add_argument("--rounds", type=int, default=2, help="--forms: measurements per form (median)")
+    ap.add_argument("--only", nargs="*", help="--forms: model stems to run")
     args = ap.parse_args()
+    if args.forms:
+        logging.disable(logging.WARNING)
+        return forms_main(args.seconds, args.rounds, args.json, args.only)
     logging.disable(logging.WARNING)
     from onnxslim.quantization import machine_defaults
 
