@@ -100,7 +100,7 @@ class _Evaluator:
                 or any(isinstance(a, gs.Node.AttributeRef) for a in p.attrs.values())):
             return None
         if p.op in ("Shape", "Size"):
-            dims = _shape_dims(p)
+            dims = self._shape_dims(p, depth)
             if dims is None or any(d is None for d in dims):
                 return None
             return np.array(int(np.prod(dims, dtype=np.int64)) if p.op == "Size" else dims, dtype=np.int64)
@@ -126,7 +126,7 @@ class _Evaluator:
 
     def _pick_dims(self, p: gs.Node, depth: int) -> np.ndarray | None:
         """Gather/Slice of Shape(x) that picks only static dims of a partly symbolic x."""
-        dims = _shape_dims(p.inputs[0].inputs[0])
+        dims = self._shape_dims(p.inputs[0].inputs[0], depth)
         if dims is None:
             return None
         ins: list[np.ndarray | None] = [np.arange(len(dims), dtype=np.int64)]  # the dims' positions
@@ -142,6 +142,72 @@ class _Evaluator:
         if any(dims[int(i)] is None for i in picked.reshape(-1)):
             return None
         return np.array([dims[int(i)] for i in picked.reshape(-1)], dtype=np.int64).reshape(picked.shape)
+
+    def _shape_dims(self, shape_node: gs.Node, depth: int) -> list[int | None] | None:
+        """The dims a Shape/Size node reads (None where unknown), honouring Shape's start/end."""
+        if not shape_node.inputs:
+            return None
+        dims = self.shape(shape_node.inputs[0], depth + 1)
+        if dims is not None and shape_node.op == "Shape":
+            start, end = int(shape_node.attrs.get("start", 0)), shape_node.attrs.get("end")
+            dims = dims[start:None if end is None else int(end)]
+        return dims
+
+    def shape(self, t: gs.Tensor, depth: int) -> list[int | None] | None:
+        """``t``'s dims, completed by shape inference on its producer when its inputs' shapes or values are
+        known here but not in the model's value_info (fold leaves the nodes feeding an If condition
+        unfolded, e.g. the shape computation of a Reshape whose output's dims the condition tests)."""
+        dims = _dims(t)
+        if dims is not None and None not in dims:
+            return dims
+        key = -id(t)  # shapes and values share the memo, apart by sign
+        if key in self.memo:
+            return self.memo[key]
+        self.memo[key] = dims
+        p = t.inputs[0] if len(t.inputs) == 1 else None
+        if (p is None or depth >= EVAL_NODES or self.budget <= 0 or not is_default_domain(p) or has_subgraph(p)
+                or any(isinstance(a, gs.Node.AttributeRef) for a in p.attrs.values())):
+            return dims
+        self.budget -= 1
+        inferred = self._infer(p, t, depth)
+        if inferred is not None and (dims is None or len(dims) == len(inferred)):
+            dims = [a if a is not None else b for a, b in zip(inferred, dims or inferred)]
+        self.memo[key] = dims
+        return dims
+
+    def _infer(self, p: gs.Node, t: gs.Tensor, depth: int) -> list[int | None] | None:
+        proto = OnnxExporter.export_node(p)
+        inputs, inits = [], []
+        for i, name in enumerate(proto.input):
+            src = p.inputs[i]
+            if not name:
+                continue
+            v = self.value(src, depth + 1)
+            if v is not None and v.size <= EVAL_ELEMENTS and v.dtype.kind in "biuf":
+                inits.append(onnx.numpy_helper.from_array(v, name))
+                continue
+            dtype = src.dtype if is_tensor(src) else None
+            if dtype is None:
+                return None
+            shape = self.shape(src, depth + 1)
+            try:
+                elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+            except (TypeError, KeyError, ValueError):
+                return None
+            inputs.append(onnx.helper.make_tensor_value_info(
+                name, elem, None if shape is None else [d if d is not None else f"d{k}" for k, d in enumerate(shape)]))
+        g = onnx.helper.make_graph([proto], "shape", inputs,
+                                   [onnx.helper.make_empty_tensor_value_info(o) for o in proto.output if o],
+                                   initializer=inits)
+        try:
+            model = onnx.helper.make_model(g, opset_imports=self.opsets, ir_version=self.ir)
+            out = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except Exception:  # noqa: BLE001 - no inference: the shape stays as the model has it
+            return None
+        vi = next((o for o in out.graph.output if o.name == t.name), None)
+        if vi is None or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            return None
+        return [int(d.dim_value) if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
 
     def _run(self, p: gs.Node, ins: list[np.ndarray | None]) -> list[np.ndarray] | None:
         proto = OnnxExporter.export_node(p)
@@ -177,17 +243,11 @@ class _Evaluator:
         return [next(values) if o else None for o in outs]
 
 
-def _shape_dims(shape_node: gs.Node) -> list[int | None] | None:
-    """The dims a Shape/Size node reads (None where symbolic), honouring Shape's start/end."""
-    x = shape_node.inputs[0] if shape_node.inputs else None
-    if x is None or not is_tensor(x) or x.shape is None:
+def _dims(t: gs.Tensor) -> list[int | None] | None:
+    if not is_tensor(t) or t.shape is None:
         return None
-    dims = [int(d) if isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 else None
-            for d in x.shape]
-    if shape_node.op == "Shape":
-        start, end = int(shape_node.attrs.get("start", 0)), shape_node.attrs.get("end")
-        dims = dims[start:None if end is None else int(end)]
-    return dims
+    return [int(d) if isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 else None
+            for d in t.shape]
 
 
 # -- planning ---------------------------------------------------------------------------------------
@@ -376,7 +436,7 @@ def _inline(scopes: list[gs.Graph], node: gs.Node, take: bool, names: _Names, se
 
     if_outs = list(node.outputs)
     node.outputs.clear()
-    node.inputs.clear()
+    _detach(node)
     claimed: dict[int, gs.Tensor] = {}
     extra: list[gs.Node] = []
     for out, src in zip(if_outs, sources):
@@ -403,10 +463,69 @@ def _inline(scopes: list[gs.Graph], node: gs.Node, take: bool, names: _Names, se
     branch.nodes.clear()
     for sg in _bodies(dropped):  # its nodes must not stay listed as readers of outer tensors
         for n in sg.nodes:
-            n.inputs.clear()
-            n.outputs.clear()
+            _detach(n)
     node.attrs.clear()
     return len(extra)
+
+
+def _detach(n: gs.Node) -> None:
+    """Remove ``n`` from its inputs' reader lists. Not ``n.inputs.clear()``: after other passes a
+    reader can already be missing from a tensor's list (graphsurgeon would raise)."""
+    for t in n.inputs:
+        at = next((i for i, r in enumerate(t.outputs) if r is n), None)
+        if at is not None:
+            list.__delitem__(t.outputs, at)
+    list.clear(n.inputs)
+
+
+def _resync(graph: gs.Graph) -> None:
+    """Rebuild every tensor's reader list from the nodes that really read it. graphsurgeon removes a
+    reader with ``list.remove``, which compares nodes by value: when sibling bodies hold identical
+    nodes with identical names (legal, and what inlining may leave), a cleanup can unregister the
+    wrong one, and the next edit of that tensor fails or misses a reader."""
+    readers: dict[int, list[gs.Node]] = {}
+    tensors: dict[int, gs.Tensor] = {}
+    for g in iter_graphs(graph):
+        for t in list(g.inputs) + list(g.outputs):
+            tensors[id(t)] = t
+        for n in g.nodes:
+            for t in n.inputs:
+                tensors[id(t)] = t
+                readers.setdefault(id(t), []).append(n)
+            for t in n.outputs:
+                tensors[id(t)] = t
+    for k, t in tensors.items():
+        list.clear(t.outputs)
+        list.extend(t.outputs, readers.get(k, []))
+
+
+def _prune(graph: gs.Graph) -> int:
+    """Remove the nodes nothing reads any more (the condition's, a dead branch output's), in every graph.
+    Not graphsurgeon's cleanup: it unregisters readers with a by-value ``list.remove`` (see _resync)
+    and fails on identical nodes in sibling bodies. Needs exact reader lists (_resync)."""
+    removed = 0
+    again = True
+    while again:
+        again = False
+        for g in list(iter_graphs(graph)):
+            outs = {id(t) for t in g.outputs}
+            keep = []
+            for n in reversed(g.nodes):  # readers before producers: a dead chain goes in one sweep
+                if n.outputs and all(not t.outputs and id(t) not in outs for t in n.outputs):
+                    for _, sg in _subgraph_attrs(n):
+                        for inner in _bodies(sg):
+                            for m in inner.nodes:
+                                _detach(m)
+                    _detach(n)
+                    for t in n.outputs:
+                        list.clear(t.inputs)
+                    removed += 1
+                    again = True
+                else:
+                    keep.append(n)
+            if len(keep) != len(g.nodes):
+                g.nodes[:] = keep[::-1]
+    return removed
 
 
 def inline_all(graph: gs.Graph, cands: list[_Candidate]) -> tuple[int, int]:
@@ -548,9 +667,11 @@ class InlineIf(Pass):
                     name = c.node.name or c.node.outputs[0].name
                     notes.append(f"If '{name}' kept: with its branch inlined the model no longer loads in onnxruntime")
             stats["ifs_kept_by_load_check"] = len(cands) - len(accepted)
+        _resync(graph)
         stats["ifs_inlined"], stats["identities"] = inline_all(graph, accepted)
         stats["nodes_evaluated"] = ev.evaluated
         stats["load_checks"] = check.sessions
         if stats["ifs_inlined"]:
-            graph.cleanup(remove_unused_graph_inputs=False)
+            _resync(graph)
+            stats["dead_nodes_removed"] = _prune(graph)
         return PassResult(changed=bool(stats["ifs_inlined"]), stats=stats, notes=notes)
