@@ -3,7 +3,9 @@
 The condition is known when it is a constant or an initializer, or when the nodes computing it can
 be evaluated now: constants, Shape/Size of a tensor with a static shape, Gather/Slice picking static
 dims out of a partly symbolic Shape, and ordinary ops on such values (fold leaves the nodes computing
-an If condition alone, so this pass evaluates them itself, each node once in onnxruntime).
+an If condition alone, so this pass evaluates them itself, each node once in onnxruntime). A shape the
+model's value_info does not know (fold left its computation alone too) is completed by onnx shape
+inference on its producer, given the values and shapes known here.
 
 Inlining, in every graph (the main graph and If/Loop/Scan bodies, inner Ifs first):
 - the kept branch's nodes move into the enclosing graph at the If's place; names the branch reads from
@@ -24,6 +26,10 @@ model runs, the inlined one does not load). So the inlined model (a light copy: 
 typed inputs) must load in onnxruntime whenever the model before did (or pass strict onnx shape
 inference when onnxruntime cannot load it, e.g. an unknown custom op); otherwise each If is tried on
 its own and only those that keep the model loadable are inlined.
+
+Nodes left dead (the condition's) are removed here by identity, not by graphsurgeon's cleanup, which
+unregisters readers by value and breaks on identical nodes in sibling bodies. Model-local function
+bodies are not searched (their conditions depend on the call's inputs).
 """
 
 from __future__ import annotations
@@ -640,8 +646,10 @@ class InlineIf(Pass):
     lossless = True
 
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
+        if not any(n.op == "If" for g in _bodies(graph) for n in g.nodes):
+            return PassResult(changed=False, stats={"ifs_inlined": 0})
         try:
-            toposort(graph)
+            toposort(graph)  # the branch lands at the If's place: that is a valid place only in a sorted graph
         except ValueError:
             return PassResult(changed=False, notes=["not inlined: graph is not a DAG"])
         ev = _Evaluator(graph)
