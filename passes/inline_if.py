@@ -632,10 +632,16 @@ class _LoadCheck:
 
 
 def _trial(light: onnx.ModelProto, cands: list[_Candidate], check: _LoadCheck) -> bool:
-    g = gs.import_onnx(light)
-    inline_all(g, [_Candidate(c.path, *_resolve(g, c.path), c.take) for c in cands])
-    template = onnx.ModelProto(ir_version=light.ir_version)
-    return check.ok(to_proto(g, template))
+    """Whether the light copy still loads with ``cands`` inlined (a copy: the model is not touched)."""
+    try:
+        g = gs.import_onnx(light)
+        inline_all(g, [_Candidate(c.path, *_resolve(g, c.path), c.take) for c in cands])
+        _resync(g)
+        _prune(g)
+        model = to_proto(g, onnx.ModelProto(ir_version=light.ir_version))
+    except Exception:  # noqa: BLE001 - a copy we cannot inline is a copy that does not load
+        return False
+    return check.ok(model)
 
 
 @register
