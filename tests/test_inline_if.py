@@ -305,3 +305,19 @@ def test_if_model_keeps_its_data_dependent_if():
     x = RNG.standard_normal((3, 8)).astype(np.float32)
     for sign in (1, -1):
         assert_same(m, result, {"x": np.abs(x) * sign})
+
+
+def test_batch_test_decided_by_input_shape():
+    """PyTorch-style `if x.size(0) == 1` on a symbolic batch: kept as exported, inlined once
+    --input-shape fixes the batch (with check-each-pass verifying every pass)."""
+    then_b = branch("then", [h.make_node("Squeeze", ["x", "zero"], ["t"])], [vi("t", [8])])
+    else_b = branch("else", [h.make_node("ReduceMean", ["x"], ["e"], axes=[0], keepdims=0)], [vi("e", [8])])
+    m = make([h.make_node("Shape", ["x"], ["s"]), h.make_node("Gather", ["s", "zero_s"], ["n"], axis=0),
+              h.make_node("Equal", ["n", "one"], ["c"]), if_node("c", ["y"], then_b, else_b)],
+             [vi("x", ["N", 8])], [vi("y", [8])],
+             [init("zero", np.array([0], np.int64)), init("zero_s", np.int64(0)), init("one", np.int64(1))])
+    kept, _ = onnxslim.optimize(m, passes="lossless")
+    assert ifs(kept) == 1
+    fixed, report = onnxslim.optimize(m, passes="lossless", input_shapes={"x": [1, 8]}, check_each_pass=True)
+    assert report.validation["passed"] and ifs(fixed) == 0 and op_histogram(fixed) == {"Squeeze": 1}
+    assert_same(m, fixed, {"x": RNG.standard_normal((1, 8)).astype(np.float32)})
