@@ -644,6 +644,10 @@ def _trial(light: onnx.ModelProto, cands: list[_Candidate], check: _LoadCheck) -
     return check.ok(model)
 
 
+def _key(node: gs.Node) -> tuple[str, ...]:
+    return (node.name,) + tuple(o.name for o in node.outputs)
+
+
 @register
 class InlineIf(Pass):
     name = "inline-if"
@@ -659,7 +663,10 @@ class InlineIf(Pass):
         except ValueError:
             return PassResult(changed=False, notes=["not inlined: graph is not a DAG"])
         ev = _Evaluator(graph)
-        cands = _find(graph, ev, int(graph.opset))
+        # An If rejected by the load check in an earlier round of the fixed point stays rejected
+        # (the pass object lives for the whole pipeline; graph objects do not, so keys are names).
+        rejected: set[tuple[str, ...]] = self.__dict__.setdefault("_rejected", set())
+        cands = [c for c in _find(graph, ev, int(graph.opset)) if _key(c.node) not in rejected]
         stats = {"ifs_inlined": 0, "ifs_kept_by_load_check": 0, "nodes_evaluated": ev.evaluated, "identities": 0}
         if not cands:
             return PassResult(changed=False, stats=stats)
@@ -678,6 +685,7 @@ class InlineIf(Pass):
                 if _trial(light, accepted + [c], check):
                     accepted.append(c)
                 else:
+                    rejected.add(_key(c.node))
                     name = c.node.name or c.node.outputs[0].name
                     notes.append(f"If '{name}' kept: with its branch inlined the model no longer loads in onnxruntime")
             stats["ifs_kept_by_load_check"] = len(cands) - len(accepted)
