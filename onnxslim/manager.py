@@ -26,10 +26,11 @@ from onnxslim.protowalk import model_stats
 
 # Presets expand to pass names. Order matters only for speed: the lossless group is
 # repeated until nothing changes, so each pass gets to see what the others exposed.
-# Shapes first (fold and dce prove more with them), then fold (constants), dce (what folding
-# left dead or made a no-op), bn-fold (sees clean Conv->BN chains), cse last.
+# Shapes first (fold and dce prove more with them), then fold (constants), inline-if (conditions
+# known now), dce (what folding and inlining left dead or made a no-op), bn-fold (sees clean
+# Conv->BN chains), cse last.
 PRESETS: dict[str, list[str]] = {
-    "lossless": ["shape-inference", "fold", "dce", "bn-fold", "cse"],
+    "lossless": ["shape-inference", "fold", "inline-if", "dce", "bn-fold", "cse"],
 }
 MAX_ROUNDS = 5
 

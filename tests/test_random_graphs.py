@@ -4,6 +4,8 @@ The generator mixes elementwise ops, constants (including neutral ones and const
 subexpressions), Conv (+zero Pad, +BatchNormalization, +per-channel Mul/Add), MatMul (+bias),
 Reshape/Transpose (including cancelling pairs), Unsqueeze->Reshape, Concat/Split, shape subgraphs
 (batch and static dims), duplicated nodes and dead branches.
+A second generator nests If nodes (two deep) whose conditions are constants, Constant nodes or
+static-dim tests, plus data-dependent ones: every If with a known condition must be inlined.
 Derandomized, so every run checks the same graphs; it stays well under a minute.
 """
 
@@ -248,5 +250,117 @@ def test_lossless_pipeline_keeps_outputs(data):
     x = np.random.default_rng(7).standard_normal((2,) + tuple(
         d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim[1:])).astype(np.float32)
     for a, b in zip(run(m, x), run(result, x)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+# -- If nodes whose condition is known ---------------------------------------------------------------
+
+class IfBuilder(Builder):
+    """Steps that include If nodes whose condition is a constant, a Constant node or a static-shape test,
+    nested up to two deep, with branches that read outer values and hold their own initializers.
+    Sibling branches reuse the same local names (L<depth>_<k>), so inlining them must rename."""
+
+    def __init__(self, data, seed: int, parent: "IfBuilder | None" = None) -> None:
+        super().__init__(data, seed)
+        self.depth = 0 if parent is None else parent.depth + 1
+        self.dynamic = 0  # Ifs whose condition depends on the data (they must stay)
+        self.local = 0
+        if parent is not None:
+            self.rng = parent.rng
+            self.pool = list(parent.pool)  # outer values the branch may read
+
+    def name(self, base: str) -> str:
+        if self.depth == 0:
+            return super().name(base)
+        self.local += 1
+        return f"L{self.depth}_{self.local}"
+
+    def step(self) -> None:
+        kinds = ["unary", "binary_const", "binary", "const_expr", "if_const", "if_shape"]
+        if self.depth == 0:
+            kinds += ["transpose", "reshape", "shape_chain", "if_const", "if_dynamic"]
+        elif self.depth >= 2:
+            kinds = kinds[:4]
+        kind = self.draw(st.sampled_from(kinds))
+        if kind.startswith("if_"):
+            return self.if_step(kind[3:])
+        getattr(self, kind)()
+
+    def condition(self, kind: str, x: str, s: tuple[int, ...]) -> str:
+        if kind == "const":
+            value = np.array(self.draw(st.booleans()))
+            if self.draw(st.booleans()):
+                return self.const(value, "cond")
+            return self.node("Constant", [], None, value=nh.from_array(value, self.name("cv")))[0]
+        if kind == "shape" and len(s) > 1:  # a static dim (the batch may be symbolic) against a constant
+            axis = self.draw(st.integers(1, len(s) - 1))
+            (sh,) = self.node("Shape", [x], None)
+            (d,) = self.node("Gather", [sh, self.const(np.array(axis, np.int64), "ax")], None, axis=0)
+            want = s[axis] + self.draw(st.sampled_from([0, 1]))
+            return self.node("Equal", [d, self.const(np.array(want, np.int64), "dim")], None)[0]
+        self.dynamic += 1
+        (r,) = self.node("ReduceSum", [x], None, keepdims=0)
+        return self.node("Greater", [r, self.const(np.float32(0), "zero")], None)[0]
+
+    def if_step(self, kind: str) -> None:
+        x, s = self.pick()
+        cond = self.condition(kind, x, s)
+        bodies = []
+        for side in ("then", "else"):
+            sub = IfBuilder(self.data, 0, parent=self)
+            for _ in range(self.draw(st.integers(1, 3))):
+                sub.step()
+            self.dynamic += sub.dynamic
+            local = [p for p in sub.pool[len(self.pool):] if p[1] == s and not any(p[0] == t.name for t in sub.inits)]
+            out = local[-1][0] if local else sub.node("Identity", [x], s)[0]
+            bodies.append(h.make_graph(sub.nodes, f"{side}{self.count}", [],
+                                       [h.make_tensor_value_info(out, T.FLOAT, (None,) + tuple(s[1:]))],
+                                       initializer=sub.inits))
+        self.node("If", [cond], s, then_branch=bodies[0], else_branch=bodies[1])
+
+
+def build_with_ifs(data) -> tuple[onnx.ModelProto, int]:
+    b = IfBuilder(data, data.draw(st.integers(0, 2**16)))
+    shape = (2, data.draw(st.integers(2, 4)), data.draw(st.integers(2, 4)))
+    b.pool.append(("x", shape))
+    for _ in range(data.draw(st.integers(2, 8))):
+        b.step()
+    if not any(n.op_type == "If" for n in b.nodes):
+        b.if_step("const")
+    batch = data.draw(st.sampled_from([2, "N"]))
+    inputs = [h.make_tensor_value_info("x", T.FLOAT, (batch,) + shape[1:])]
+    outputs = [h.make_tensor_value_info(b.pool[-1][0], T.FLOAT, None)]
+    m = h.make_model(h.make_graph(b.nodes, "random_if", inputs, outputs, initializer=b.inits),
+                     opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    inferred = onnx.shape_inference.infer_shapes(m)
+    for o, io in zip(m.graph.output, inferred.graph.output):
+        o.CopyFrom(io)
+    onnx.checker.check_model(m)
+    return m, b.dynamic
+
+
+def _ifs(g: onnx.GraphProto) -> int:
+    return sum(1 + sum(_ifs(a.g) for a in n.attribute if a.HasField("g")) if n.op_type == "If"
+               else sum(_ifs(a.g) for a in n.attribute if a.HasField("g")) for n in g.node)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.data())
+def test_lossless_pipeline_inlines_ifs_with_known_conditions(data):
+    m, dynamic = build_with_ifs(data)
+    x = np.random.default_rng(7).standard_normal((2,) + tuple(
+        d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim[1:])).astype(np.float32)
+    want = run(m, x)
+    result, report = onnxslim.optimize(m, passes="lossless")
+    assert report.validation["passed"], report.validation
+    onnx.checker.check_model(result, full_check=True)
+    # Ifs with data-dependent conditions stay (those nested in a dropped branch go with it).
+    assert _ifs(result.graph) <= dynamic
+    if dynamic == 0:
+        assert _ifs(result.graph) == 0
+    for a, b in zip(want, run(result, x)):
         assert a.shape == b.shape and a.dtype == b.dtype
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
