@@ -603,7 +603,7 @@ class _LoadCheck:
     """Whether a light model loads in onnxruntime (or, when the original cannot, passes strict inference)."""
 
     def __init__(self, before: onnx.ModelProto, ctx: Context) -> None:
-        self.lib = ctx.option("custom_op_library")
+        self.lib = ctx.custom_op_library
         self.sessions = 0
         self.mode = "ort" if self._ort(before) else "onnx" if self._onnx(before) else None
 
