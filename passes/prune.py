@@ -16,6 +16,8 @@ size and latency before/after, the refit errors, and per group the channels kept
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,23 +99,27 @@ class Prune(Pass):
         importance = s["importance"] or ("recon" if refit else "l1")
         if importance == "recon" and calib is None:
             raise InputError("prune: --prune-importance recon needs calibration data (--calib)")
+        report: dict[str, Any] = {"importance": importance, "round_to": s["round_to"],
+                                  "min_channels": s["min_channels"], "refit": refit}
+        timed = _Stages(report)
         ctx.progress("prune: tracing channels")
-        an = ch.analyze(ch.traced_graph(model))
-        imp = ch.importance(an, "l2" if importance == "l2" else "l1")
+        with timed("trace"):
+            an = ch.analyze(ch.traced_graph(model))
+            imp = ch.importance(an, "l2" if importance == "l2" else "l1")
         select = None
         if importance == "recon":
             from onnxslim.refit import ReconSelector
 
-            select = ReconSelector(an, model, calib, imp, batch=calib.batch_size, progress=ctx.progress)
-        report: dict[str, Any] = {"importance": importance, "round_to": s["round_to"],
-                                  "min_channels": s["min_channels"], "refit": refit}
+            with timed("select"):
+                select = ReconSelector(an, model, calib, imp, batch=calib.batch_size, progress=ctx.progress)
         if target is not None:
             kind, frac = parse_target(target)
             if calib is None:
                 raise InputError("prune: --prune-target needs calibration data for its sensitivity analysis (--calib)")
             ctx.progress("prune: sensitivity analysis")
-            sens = measure(model, calib, an=an, imp=imp, round_to=s["round_to"], min_channels=s["min_channels"],
-                           refit=refit, select=select, importance=importance, progress=ctx.progress)
+            with timed("sensitivity"):
+                sens = measure(model, calib, an=an, imp=imp, round_to=s["round_to"], min_channels=s["min_channels"],
+                               refit=refit, select=select, importance=importance, progress=ctx.progress)
             ratios, reached = allocate(sens, an, imp, kind, frac, round_to=s["round_to"],
                                        min_channels=s["min_channels"])
             report["target"] = {"kind": kind, "fraction": frac, "reached": reached}
@@ -123,7 +129,8 @@ class Prune(Pass):
         else:
             ratios = {g.id: float(ratio) for g in an.groups if g.prunable}
         report["ratios"] = ratios
-        keep = ch.plan(an, ratios, imp, round_to=s["round_to"], min_channels=s["min_channels"], select=select)
+        with timed("select"):
+            keep = ch.plan(an, ratios, imp, round_to=s["round_to"], min_channels=s["min_channels"], select=select)
         before, after = ch.cost(an), ch.cost(an, keep)
         report["groups"] = ch.group_table(an, keep)
         report["params"] = {"before": before.params, "after": after.params}
@@ -133,19 +140,23 @@ class Prune(Pass):
             return PassResult(False, stats={"channels_removed": 0}, notes=["no channel removed"], details=report)
 
         ctx.progress("prune: rewriting")
-        graph, nodes = ch.pruned_copy(an, keep)
+        with timed("rewrite"):
+            graph, nodes = ch.pruned_copy(an, keep)
         if refit:
             from onnxslim.refit import refit_layers
 
-            fits = refit_layers(graph, nodes, an, keep, model, model, calib, batch=calib.batch_size,
-                                ridge=o.prune_ridge, progress=ctx.progress)
+            with timed("refit"):
+                fits = refit_layers(graph, nodes, an, keep, model, model, calib, batch=calib.batch_size,
+                                    ridge=o.prune_ridge, progress=ctx.progress)
             report["refit_layers"] = [f.to_dict() for f in fits]
-        out = ch.export(graph, model)
+        with timed("rewrite"):
+            out = ch.export(graph, model)
         report["size"] = {"before": model.ByteSize(), "after": out.ByteSize()}
         if ctx.run.latency is not False:
             ctx.progress("prune: latency")
-            report["latency"] = latency_table(model, out, latency_feeds(model, ctx.input_shapes, ctx.inputs),
-                                              custom_op_library=ctx.custom_op_library)
+            with timed("latency"):
+                report["latency"] = latency_table(model, out, latency_feeds(model, ctx.input_shapes, ctx.inputs),
+                                                  custom_op_library=ctx.custom_op_library)
         removed = int((~keep).sum())
         report["summary"] = _summary(report)
         stats = {"channels_removed": removed,
@@ -154,6 +165,24 @@ class Prune(Pass):
         return PassResult(True, stats=stats, model=out, details=report,
                           notes=[f"params {before.params:,} -> {after.params:,}, "
                                  f"MACs {before.macs:,} -> {after.macs:,}"])
+
+
+class _Stages:
+    """Wall and CPU seconds per stage, summed into ``report["seconds"]`` / ``report["cpu_seconds"]``
+    (CPU time as well: on a loaded machine wall time says more about the neighbours than about us)."""
+
+    def __init__(self, report: dict[str, Any]) -> None:
+        self.wall = report.setdefault("seconds", {})
+        self.cpu = report.setdefault("cpu_seconds", {})
+
+    @contextmanager
+    def __call__(self, stage: str):
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[stage] = round(self.wall.get(stage, 0.0) + time.perf_counter() - w, 3)
+            self.cpu[stage] = round(self.cpu.get(stage, 0.0) + time.process_time() - c, 3)
 
 
 def _pct(b: float, a: float) -> str:
@@ -170,6 +199,9 @@ def _summary(r: dict[str, Any]) -> list[str]:
         if isinstance(val, dict) and "before_ms" in val:
             lines.append(f"prune: latency {key} {val['before_ms']:.3f} -> {val['after_ms']:.3f} ms "
                          f"({val['ratio']:.2f}x)")
+    if r.get("seconds"):
+        lines.append("prune: seconds " + ", ".join(f"{k} {v:.2f}" for k, v in r["seconds"].items())
+                     + " (CPU " + ", ".join(f"{k} {v:.2f}" for k, v in r.get("cpu_seconds", {}).items()) + ")")
     if r.get("refit_layers"):
         done = [f for f in r["refit_layers"] if not f.get("skipped")]
         if done:
