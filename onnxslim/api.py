@@ -206,6 +206,8 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
         options["min_cosine"] = min_cosine
     if max_acc_drop is not None:
         options["max_acc_drop"] = max_acc_drop
+    if latency is not None and options.get("latency") is None:
+        options["latency"] = latency  # the passes read ctx.run.latency (--no-latency reaches prune)
     given = frozenset(k for k, v in options.items() if v is not None)
     run_options, pass_options = resolve_options(names, options)  # every option checked before any work
     # Lossless pipelines leave large weights on disk (onnxslim.weights): graph passes read them lazily

@@ -8,7 +8,8 @@
    on the calibration data (onnxslim.sensitivity) to remove that fraction with the least drift.
 3. Rewrite weights, biases, norms, per-channel constants, Split/Slice/Reshape/Resize parameters.
 4. With calibration data, refit every layer that lost inputs by least squares against the original
-   model's outputs (onnxslim.refit); ``--no-prune-refit`` turns it off.
+   model's outputs (onnxslim.refit); ``--no-prune-refit`` turns it off. Layers with few rows per input
+   get their ridge by cross-validation over the calibration samples (or keep the pruned weights).
 
 Graph inputs and outputs never change shape. The report (``report.extra["prune"]``) gives params, MACs,
 size and latency before/after, the refit errors, and per group the channels kept or why it was skipped.
@@ -44,7 +45,9 @@ class PruneOptions:
     prune_min_channels: int = option(1, "Minimum channels kept per layer.", min=1)
     prune_refit: bool | None = option(None, "Least-squares refit of consumers on --calib (default on with --calib).",
                                       cli="--prune-refit/--no-prune-refit")
-    prune_ridge: float = option(1e-2, "Ridge strength of the refit, relative to the mean input energy.", min=0.0)
+    prune_ridge: float | None = option(None, "Ridge strength of the refit, relative to the mean input energy "
+                                             "(default: 0.01 for layers with many rows per input, else chosen "
+                                             "by cross-validation over the calibration samples).", min=0.0)
 
     def __post_init__(self) -> None:
         if self.prune_target is not None:
