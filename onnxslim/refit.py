@@ -36,6 +36,7 @@ from onnxslim.graph import const_value, to_proto
 
 DEFAULT_RIDGE = 1e-2
 DEFAULT_MAX_ROWS = 40000
+DOWNDATE_BUDGET = 2e10  # multiply-adds of the selection's downdates per group (~ seconds on one core)
 MAX_DENSE_FEATURES = 1536  # a dense selection state of 1536 features is 18 MB per reader
 ROWS_PER_FEATURE = 16  # rows sampled per input feature: enough for a well-posed fit, cheap to accumulate
 # Ridge strengths tried by cross-validation, relative to the mean input energy of all rows (DEFAULT_RIDGE's
@@ -576,18 +577,19 @@ class ReconSelector:
                 scores = np.array([self.imp[u].sum() for u in g.units])
                 chosen += [(g.id, int(u)) for u in np.argsort(scores, kind="stable")[:n]]
                 continue
+            # Block elimination costs ~ d^2 * (features removed) per reader whatever the step; past the
+            # budget the group is chosen in one step from the first costs (no downdate between removals).
+            work = sum(len(r["feat"]) ** 2 * np.count_nonzero((r["feat"] >> 32) == gi) for r in mine if "P" in r)
+            one_step = work * n / max(len(g.units), 1) > DOWNDATE_BUDGET
             while n > 0:
-                step = max(1, n // 16)
-                costs = np.zeros(len(left))
+                step = n if one_step else max(1, n // 16)
+                costs = np.zeros(len(g.units))
                 for r in mine:
                     if "cost" in r:
-                        costs += [r["cost"].get((gi << 32) + u, 0.0) for u in left]
-                        continue
-                    for k, u in enumerate(left):
-                        f = np.flatnonzero(r["feat"] == (gi << 32) + u)
-                        if len(f):
-                            bf = r["beta"][f]
-                            costs[k] += r["scale"] * float(np.sum(bf * np.linalg.solve(r["P"][np.ix_(f, f)], bf)))
+                        costs += [r["cost"].get((gi << 32) + u, 0.0) for u in range(len(g.units))]
+                    else:
+                        costs += _unit_costs(r, gi, len(g.units))
+                costs = costs[left]
                 drop = [left[k] for k in np.argsort(costs, kind="stable")[:step]]
                 for r in mine:
                     if "P" in r:
@@ -597,6 +599,32 @@ class ReconSelector:
                 left = [u for u in left if u not in drop]
                 n -= len(drop)
         return chosen
+
+
+def _unit_costs(r: dict[str, Any], gi: int, n_units: int) -> np.ndarray:
+    """Per unit of group ``gi``: the error increase scale * tr(beta_F^T P_FF^-1 beta_F) of removing it
+    from reader ``r`` (0 for units the reader does not see). Units of equal block size are solved
+    in one batched call (the per-unit loop was most of the selection's time)."""
+    out = np.zeros(n_units)
+    feat = r["feat"]
+    idx = np.flatnonzero((feat >> 32) == gi)
+    if not len(idx):
+        return out
+    unit = (feat[idx] & 0xFFFFFFFF).astype(np.int64)
+    order = np.argsort(unit, kind="stable")
+    idx, unit = idx[order], unit[order]
+    units, starts, counts = np.unique(unit, return_index=True, return_counts=True)
+    for k in np.unique(counts):
+        sel = counts == k
+        F = idx[starts[sel][:, None] + np.arange(k)]  # [U, k] feature indices per unit
+        bf = r["beta"][F]  # [U, k, outputs]
+        pff = r["P"][F[:, :, None], F[:, None, :]]  # [U, k, k]
+        try:
+            sol = np.linalg.solve(pff, bf)
+        except np.linalg.LinAlgError:
+            sol = np.stack([np.linalg.lstsq(a, b, rcond=None)[0] for a, b in zip(pff, bf)])
+        out[units[sel]] += r["scale"] * np.einsum("ukm,ukm->u", bf, sol)
+    return out
 
 
 def _downdate(r: dict[str, Any], f: np.ndarray) -> None:

@@ -374,6 +374,43 @@ def test_recon_selection_beats_weight_norm(ratio: float) -> None:
     assert acc["recon"] >= acc["l1"] - 0.5, acc
 
 
+def test_recon_unit_costs_match_per_unit_solve_and_budget() -> None:
+    """The batched per-unit costs equal one solve per unit (the formula they replaced); past the downdate
+    budget a group is chosen in one step, removing as many channels and still valid."""
+    from onnxslim import refit
+    from onnxslim.calibration import load_calibration
+
+    model = load("struct_resnet")
+    calib = load_calibration("random", model, size=32)
+    an = ch.analyze(ch.traced_graph(model))
+    imp = ch.importance(an, "l1")
+    sel = refit.ReconSelector(an, model, calib, imp, batch=16)
+    dense = [r for r in sel.readers if "P" in r]
+    assert dense
+    for r in dense[:4]:
+        gi = min(r["groups"])
+        n = len(an.groups[gi].units)
+        want = np.zeros(n)
+        for u in range(n):
+            f = np.flatnonzero(r["feat"] == (gi << 32) + u)
+            if len(f):
+                bf = r["beta"][f]
+                want[u] = r["scale"] * float(np.sum(bf * np.linalg.solve(r["P"][np.ix_(f, f)], bf)))
+        np.testing.assert_allclose(refit._unit_costs(r, gi, n), want, rtol=1e-9, atol=1e-12)
+    ratios = {g.id: 0.5 for g in an.groups if g.prunable}
+    greedy = ch.plan(an, ratios, imp, round_to=1, select=sel)
+    budget = refit.DOWNDATE_BUDGET
+    try:
+        refit.DOWNDATE_BUDGET = 0
+        one_step = ch.plan(an, ratios, imp, round_to=1, select=sel)
+    finally:
+        refit.DOWNDATE_BUDGET = budget
+    assert (~one_step).sum() == (~greedy).sum() > 0
+    graph, _ = ch.pruned_copy(an, one_step)
+    out = ch.export(graph, model)
+    onnx.checker.check_model(out)
+
+
 def test_zero_channel_oracle_opset11_split_attribute() -> None:
     """Opset 11 keeps Split sizes in an attribute: the rewrite must update it too."""
     import importlib.util
