@@ -1,14 +1,14 @@
 """prune: structured channel pruning with dependency groups, adaptive ratios and least-squares refit.
 
-1. Trace channel dependencies (onnxslim.channels): groups of layers whose output channels must be
+1. Trace channel dependencies (onnxslim.prune: tracing, grouping): groups of layers whose output channels must be
    removed together, the rewrites each removal needs, and the groups that must stay whole (why).
 2. Rank each group's channels by weight norm (L1/L2, times the scale of a following BatchNorm),
    summed over the group's layers; keep ``1 - ratio`` of them, rounded to multiples of --round-to.
    ``--prune-target params=F|macs=F`` instead picks one ratio per group from a sensitivity analysis
-   on the calibration data (onnxslim.sensitivity) to remove that fraction with the least drift.
+   on the calibration data (onnxslim.prune.sensitivity) to remove that fraction with the least drift.
 3. Rewrite weights, biases, norms, per-channel constants, Split/Slice/Reshape/Resize parameters.
 4. With calibration data, refit every layer that lost inputs by least squares against the original
-   model's outputs (onnxslim.refit); ``--no-prune-refit`` turns it off. Layers with few rows per input
+   model's outputs (onnxslim.prune.refit); ``--no-prune-refit`` turns it off. Layers with few rows per input
    get their ridge by cross-validation over the calibration samples (or keep the pruned weights).
 
 Graph inputs and outputs never change shape. The report (``report.extra["prune"]``) gives params, MACs,
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from onnx import ModelProto
 
-from onnxslim import channels as ch
+from onnxslim import prune as ch
 from onnxslim.errors import InputError
 from onnxslim.manager import Context, Pass, PassResult, register
 from onnxslim.options import option
@@ -80,7 +80,7 @@ class Prune(Pass):
     Options = PruneOptions
 
     def run(self, model: ModelProto, ctx: Context) -> PassResult:
-        from onnxslim.sensitivity import allocate, measure
+        from onnxslim.prune.sensitivity import allocate, measure
 
         o: PruneOptions = self.options
         ratio, target = o.prune_ratio, o.prune_target
@@ -111,7 +111,7 @@ class Prune(Pass):
             imp = ch.importance(an, "l2" if importance == "l2" else "l1")
         select = None
         if importance == "recon":
-            from onnxslim.refit import ReconSelector
+            from onnxslim.prune.refit import ReconSelector
 
             with timed("select"):
                 select = ReconSelector(an, model, calib, imp, batch=calib.batch_size, progress=ctx.progress)
@@ -146,7 +146,7 @@ class Prune(Pass):
         with timed("rewrite"):
             graph, nodes = ch.pruned_copy(an, keep)
         if refit:
-            from onnxslim.refit import refit_layers
+            from onnxslim.prune.refit import refit_layers
 
             with timed("refit"):
                 fits = refit_layers(graph, nodes, an, keep, model, model, calib, batch=calib.batch_size,

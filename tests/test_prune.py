@@ -20,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from onnxslim import channels as ch
+from onnxslim import prune as ch
 from onnxslim.api import optimize
 from onnxslim.graph import const_value, to_proto
 from onnxslim.runtime import make_session
@@ -377,7 +377,7 @@ def test_recon_selection_beats_weight_norm(ratio: float) -> None:
 def test_recon_unit_costs_match_per_unit_solve_and_budget() -> None:
     """The batched per-unit costs equal one solve per unit (the formula they replaced); past the downdate
     budget a group is chosen in one step, removing as many channels and still valid."""
-    from onnxslim import refit
+    from onnxslim.prune import refit
     from onnxslim.calibration import load_calibration
 
     model = load("struct_resnet")

@@ -31,7 +31,7 @@ import onnx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from onnxslim import channels as ch  # noqa: E402
+from onnxslim import prune as ch  # noqa: E402
 from onnxslim.api import optimize  # noqa: E402
 from onnxslim.runtime import make_session  # noqa: E402
 

@@ -31,8 +31,8 @@ import onnx_graphsurgeon as gs
 from onnx import ModelProto
 
 from onnxslim.calibration import CalibrationData
-from onnxslim.channels import Analysis, keep_positions
 from onnxslim.graph import const_value, to_proto
+from onnxslim.prune.tracing import Analysis, keep_positions
 
 DEFAULT_RIDGE = 1e-2
 DEFAULT_MAX_ROWS = 40000
