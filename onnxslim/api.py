@@ -291,7 +291,8 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
         if latency if latency is not None else lossy:
             ctx.progress("measuring latency")
             report.latency = latency_table(m.path or m.proto, candidate,
-                                           latency_feeds(result if static_batch(result) else m.proto, ctx.input_shapes, feeds),
+                                           latency_feeds(result if static_batch(result) else m.proto,
+                                                         ctx.input_shapes, feeds),
                                            custom_op_library=custom_op_library)
         report.warnings.extend(ctx.warnings)
         size = staged.size() if staged is not None else None
@@ -377,8 +378,8 @@ def _stage_metrics(original: Model, proto: ModelProto, name: str, ctx: Context, 
         if name != "original" and ctx.run.latency is not False:
             # batch 1 against the original, by the same function as the final latency table
             table = latency_table(original.path or original.proto, proto,
-                                  latency_feeds(proto if static_batch(proto) else original.proto, ctx.input_shapes, feeds,
-                                                batches=(1,)),
+                                  latency_feeds(proto if static_batch(proto) else original.proto, ctx.input_shapes,
+                                                feeds, batches=(1,)),
                                   custom_op_library=ctx.custom_op_library, seconds=0.5)
             stage["latency"] = next(iter(table.values()), None)
     except Exception as e:  # noqa: BLE001 - stage metrics inform; the final validation decides

@@ -74,7 +74,6 @@ class _Layer:
     # Refit layers accumulate the odd-numbered samples here and the even-numbered ones in ``fold`` (the two
     # halves of the cross-validation; every row is multiplied once), merged by ``merge_fold`` for the fit.
     fold: "_Layer | None" = None
-    samples: int = 0
 
     def add(self, xr: np.ndarray, yr: np.ndarray) -> None:
         """Accumulate normal equations of rows ``xr`` (bias column included) and targets ``yr``."""
@@ -376,7 +375,6 @@ def refit_layers(graph: gs.Graph, nodes: dict[int, gs.Node], an: Analysis, keep:
                 else:
                     la.fold.add(xr[even], yr[even])
                     la.add(xr[~even], yr[~even])
-                la.samples += len(next(iter(feeds.values())))
             offset += len(next(iter(feeds.values())))
         del sp, so
         for la in todo:
