@@ -96,13 +96,17 @@ def _validation_data(m: Model, ctx: Context, inputs: str | os.PathLike | dict | 
 
 def _compare(original: Model, optimized: ModelProto | Path, feeds: dict[str, np.ndarray], labels, *,
              lossy: bool, atol: float, rtol: float, min_cosine: float, max_acc_drop: float,
-             custom_op_library: str | None, min_top1: float | None = None) -> ValidationResult:
+             custom_op_library: str | None, min_top1: float | None = None,
+             fixed_batch: int | None = None) -> ValidationResult:
     # The original runs from its file when it has one: its proto may hold stubs (weights left on disk).
     orig_src: ModelProto | Path = original.path if original.path is not None else original.proto
     too_big = _oversized_tensor(original.proto)
     if too_big:
         raise NotValidatable(too_big)
     chunk = static_batch(original.proto)
+    if chunk is None:  # --input-shape can fix the result's batch while the original's stays dynamic
+        chunk = fixed_batch if fixed_batch is not None else (
+            static_batch(optimized) if isinstance(optimized, ModelProto) else None)
     n = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 0
     if chunk is None and lossy and n > 256:
         chunk = 256
@@ -204,6 +208,8 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
         options["min_cosine"] = min_cosine
     if max_acc_drop is not None:
         options["max_acc_drop"] = max_acc_drop
+    if latency is not None and options.get("latency") is None:
+        options["latency"] = latency  # the passes read ctx.run.latency (--no-latency reaches prune)
     given = frozenset(k for k, v in options.items() if v is not None)
     run_options, pass_options = resolve_options(names, options)  # every option checked before any work
     # Lossless pipelines leave large weights on disk (onnxslim.weights): graph passes read them lazily
@@ -265,7 +271,8 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
             ctx.progress("validating")
             validation, source = _compare_any(m, candidate, feeds, labels, source, lossy=lossy, atol=atol,
                                               rtol=rtol, min_cosine=min_cosine, max_acc_drop=max_acc_drop,
-                                              custom_op_library=custom_op_library, min_top1=run_options.min_top1)
+                                              custom_op_library=custom_op_library, min_top1=run_options.min_top1,
+                                              fixed_batch=static_batch(result))
             if validation is not None:
                 report.validation = validation.to_dict()
                 report.validation["inputs"] = source
@@ -286,7 +293,8 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
         if latency if latency is not None else lossy:
             ctx.progress("measuring latency")
             report.latency = latency_table(m.path or m.proto, candidate,
-                                           latency_feeds(m.proto, ctx.input_shapes, feeds),
+                                           latency_feeds(result if static_batch(result) else m.proto,
+                                                         ctx.input_shapes, feeds),
                                            custom_op_library=custom_op_library)
         report.warnings.extend(ctx.warnings)
         size = staged.size() if staged is not None else None
@@ -372,7 +380,8 @@ def _stage_metrics(original: Model, proto: ModelProto, name: str, ctx: Context, 
         if name != "original" and ctx.run.latency is not False:
             # batch 1 against the original, by the same function as the final latency table
             table = latency_table(original.path or original.proto, proto,
-                                  latency_feeds(original.proto, ctx.input_shapes, feeds, batches=(1,)),
+                                  latency_feeds(proto if static_batch(proto) else original.proto, ctx.input_shapes,
+                                                feeds, batches=(1,)),
                                   custom_op_library=ctx.custom_op_library, seconds=0.5)
             stage["latency"] = next(iter(table.values()), None)
     except Exception as e:  # noqa: BLE001 - stage metrics inform; the final validation decides

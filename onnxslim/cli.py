@@ -420,7 +420,7 @@ def sensitivity_cmd(model: str, calib: str, calib_size: int | None, calib_batch:
     from onnxslim.options import RunOptions
     from onnxslim.passes.prune import PruneOptions
     from onnxslim.report import Progress
-    from onnxslim.sensitivity import format_sensitivity, run_sensitivity, write_json
+    from onnxslim.prune.sensitivity import format_sensitivity, run_sensitivity, write_json
 
     try:
         rs = tuple(float(r) for r in ratios.split(",") if r.strip())

@@ -1,14 +1,15 @@
 """prune: structured channel pruning with dependency groups, adaptive ratios and least-squares refit.
 
-1. Trace channel dependencies (onnxslim.channels): groups of layers whose output channels must be
+1. Trace channel dependencies (onnxslim.prune: tracing, grouping): groups of layers whose output channels must be
    removed together, the rewrites each removal needs, and the groups that must stay whole (why).
 2. Rank each group's channels by weight norm (L1/L2, times the scale of a following BatchNorm),
    summed over the group's layers; keep ``1 - ratio`` of them, rounded to multiples of --round-to.
    ``--prune-target params=F|macs=F`` instead picks one ratio per group from a sensitivity analysis
-   on the calibration data (onnxslim.sensitivity) to remove that fraction with the least drift.
+   on the calibration data (onnxslim.prune.sensitivity) to remove that fraction with the least drift.
 3. Rewrite weights, biases, norms, per-channel constants, Split/Slice/Reshape/Resize parameters.
 4. With calibration data, refit every layer that lost inputs by least squares against the original
-   model's outputs (onnxslim.refit); ``--no-prune-refit`` turns it off.
+   model's outputs (onnxslim.prune.refit); ``--no-prune-refit`` turns it off. Layers with few rows per input
+   get their ridge by cross-validation over the calibration samples (or keep the pruned weights).
 
 Graph inputs and outputs never change shape. The report (``report.extra["prune"]``) gives params, MACs,
 size and latency before/after, the refit errors, and per group the channels kept or why it was skipped.
@@ -16,13 +17,15 @@ size and latency before/after, the refit errors, and per group the channels kept
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from onnx import ModelProto
 
-from onnxslim import channels as ch
+from onnxslim import prune as ch
 from onnxslim.errors import InputError
 from onnxslim.manager import Context, Pass, PassResult, register
 from onnxslim.options import option
@@ -42,7 +45,9 @@ class PruneOptions:
     prune_min_channels: int = option(1, "Minimum channels kept per layer.", min=1)
     prune_refit: bool | None = option(None, "Least-squares refit of consumers on --calib (default on with --calib).",
                                       cli="--prune-refit/--no-prune-refit")
-    prune_ridge: float = option(1e-2, "Ridge strength of the refit, relative to the mean input energy.", min=0.0)
+    prune_ridge: float | None = option(None, "Ridge strength of the refit, relative to the mean input energy "
+                                             "(default: 0.01 for layers with many rows per input, else chosen "
+                                             "by cross-validation over the calibration samples).", min=0.0)
 
     def __post_init__(self) -> None:
         if self.prune_target is not None:
@@ -75,7 +80,7 @@ class Prune(Pass):
     Options = PruneOptions
 
     def run(self, model: ModelProto, ctx: Context) -> PassResult:
-        from onnxslim.sensitivity import allocate, measure
+        from onnxslim.prune.sensitivity import allocate, measure
 
         o: PruneOptions = self.options
         ratio, target = o.prune_ratio, o.prune_target
@@ -97,23 +102,27 @@ class Prune(Pass):
         importance = s["importance"] or ("recon" if refit else "l1")
         if importance == "recon" and calib is None:
             raise InputError("prune: --prune-importance recon needs calibration data (--calib)")
-        ctx.progress("prune: tracing channels")
-        an = ch.analyze(ch.traced_graph(model))
-        imp = ch.importance(an, "l2" if importance == "l2" else "l1")
-        select = None
-        if importance == "recon":
-            from onnxslim.refit import ReconSelector
-
-            select = ReconSelector(an, model, calib, imp, batch=calib.batch_size, progress=ctx.progress)
         report: dict[str, Any] = {"importance": importance, "round_to": s["round_to"],
                                   "min_channels": s["min_channels"], "refit": refit}
+        timed = _Stages(report)
+        ctx.progress("prune: tracing channels")
+        with timed("trace"):
+            an = ch.analyze(ch.traced_graph(model))
+            imp = ch.importance(an, "l2" if importance == "l2" else "l1")
+        select = None
+        if importance == "recon":
+            from onnxslim.prune.refit import ReconSelector
+
+            with timed("select"):
+                select = ReconSelector(an, model, calib, imp, batch=calib.batch_size, progress=ctx.progress)
         if target is not None:
             kind, frac = parse_target(target)
             if calib is None:
                 raise InputError("prune: --prune-target needs calibration data for its sensitivity analysis (--calib)")
             ctx.progress("prune: sensitivity analysis")
-            sens = measure(model, calib, an=an, imp=imp, round_to=s["round_to"], min_channels=s["min_channels"],
-                           refit=refit, select=select, importance=importance, progress=ctx.progress)
+            with timed("sensitivity"):
+                sens = measure(model, calib, an=an, imp=imp, round_to=s["round_to"], min_channels=s["min_channels"],
+                               refit=refit, select=select, importance=importance, progress=ctx.progress)
             ratios, reached = allocate(sens, an, imp, kind, frac, round_to=s["round_to"],
                                        min_channels=s["min_channels"])
             report["target"] = {"kind": kind, "fraction": frac, "reached": reached}
@@ -123,7 +132,8 @@ class Prune(Pass):
         else:
             ratios = {g.id: float(ratio) for g in an.groups if g.prunable}
         report["ratios"] = ratios
-        keep = ch.plan(an, ratios, imp, round_to=s["round_to"], min_channels=s["min_channels"], select=select)
+        with timed("select"):
+            keep = ch.plan(an, ratios, imp, round_to=s["round_to"], min_channels=s["min_channels"], select=select)
         before, after = ch.cost(an), ch.cost(an, keep)
         report["groups"] = ch.group_table(an, keep)
         report["params"] = {"before": before.params, "after": after.params}
@@ -133,19 +143,23 @@ class Prune(Pass):
             return PassResult(False, stats={"channels_removed": 0}, notes=["no channel removed"], details=report)
 
         ctx.progress("prune: rewriting")
-        graph, nodes = ch.pruned_copy(an, keep)
+        with timed("rewrite"):
+            graph, nodes = ch.pruned_copy(an, keep)
         if refit:
-            from onnxslim.refit import refit_layers
+            from onnxslim.prune.refit import refit_layers
 
-            fits = refit_layers(graph, nodes, an, keep, model, model, calib, batch=calib.batch_size,
-                                ridge=o.prune_ridge, progress=ctx.progress)
+            with timed("refit"):
+                fits = refit_layers(graph, nodes, an, keep, model, model, calib, batch=calib.batch_size,
+                                    ridge=o.prune_ridge, progress=ctx.progress)
             report["refit_layers"] = [f.to_dict() for f in fits]
-        out = ch.export(graph, model)
+        with timed("rewrite"):
+            out = ch.export(graph, model)
         report["size"] = {"before": model.ByteSize(), "after": out.ByteSize()}
         if ctx.run.latency is not False:
             ctx.progress("prune: latency")
-            report["latency"] = latency_table(model, out, latency_feeds(model, ctx.input_shapes, ctx.inputs),
-                                              custom_op_library=ctx.custom_op_library)
+            with timed("latency"):
+                report["latency"] = latency_table(model, out, latency_feeds(model, ctx.input_shapes, ctx.inputs),
+                                                  custom_op_library=ctx.custom_op_library)
         removed = int((~keep).sum())
         report["summary"] = _summary(report)
         stats = {"channels_removed": removed,
@@ -154,6 +168,24 @@ class Prune(Pass):
         return PassResult(True, stats=stats, model=out, details=report,
                           notes=[f"params {before.params:,} -> {after.params:,}, "
                                  f"MACs {before.macs:,} -> {after.macs:,}"])
+
+
+class _Stages:
+    """Wall and CPU seconds per stage, summed into ``report["seconds"]`` / ``report["cpu_seconds"]``
+    (CPU time as well: on a loaded machine wall time says more about the neighbours than about us)."""
+
+    def __init__(self, report: dict[str, Any]) -> None:
+        self.wall = report.setdefault("seconds", {})
+        self.cpu = report.setdefault("cpu_seconds", {})
+
+    @contextmanager
+    def __call__(self, stage: str):
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[stage] = round(self.wall.get(stage, 0.0) + time.perf_counter() - w, 3)
+            self.cpu[stage] = round(self.cpu.get(stage, 0.0) + time.process_time() - c, 3)
 
 
 def _pct(b: float, a: float) -> str:
@@ -170,6 +202,9 @@ def _summary(r: dict[str, Any]) -> list[str]:
         if isinstance(val, dict) and "before_ms" in val:
             lines.append(f"prune: latency {key} {val['before_ms']:.3f} -> {val['after_ms']:.3f} ms "
                          f"({val['ratio']:.2f}x)")
+    if r.get("seconds"):
+        lines.append("prune: seconds " + ", ".join(f"{k} {v:.2f}" for k, v in r["seconds"].items())
+                     + " (CPU " + ", ".join(f"{k} {v:.2f}" for k, v in r.get("cpu_seconds", {}).items()) + ")")
     if r.get("refit_layers"):
         done = [f for f in r["refit_layers"] if not f.get("skipped")]
         if done:

@@ -10,6 +10,7 @@ Flatten features, a depthwise conv's group, a residual branch) the outputs would
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from onnxslim import channels as ch
+from onnxslim import prune as ch
 from onnxslim.api import optimize
 from onnxslim.graph import const_value, to_proto
 from onnxslim.runtime import make_session
@@ -229,6 +230,46 @@ def test_refit_beats_no_refit(name: str, ratio: float) -> None:
     assert acc_fit >= acc0 - 3.0
 
 
+def _random_mlp(d: int = 64, hidden: int = 256, classes: int = 10) -> onnx.ModelProto:
+    """Gemm-Relu-Gemm with random weights and full-rank Gaussian inputs: unlike the digits models (whose
+    activations live in a low-dimensional subspace), what the removed units carried cannot be rebuilt
+    from a few rows, so a near-exact fit on them generalizes badly."""
+    rng = np.random.default_rng(0)
+    w = [rng.standard_normal((d, hidden)) / np.sqrt(d), rng.standard_normal(hidden) * 0.5,
+         rng.standard_normal((hidden, classes)) / np.sqrt(hidden), np.zeros(classes)]
+    inits = [onnx.numpy_helper.from_array(a.astype(np.float32), n) for a, n in zip(w, ["w1", "b1", "w2", "b2"])]
+    h = onnx.helper
+    g = h.make_graph([h.make_node("Gemm", ["x", "w1", "b1"], ["h"]), h.make_node("Relu", ["h"], ["r"]),
+                      h.make_node("Gemm", ["r", "w2", "b2"], ["y"])], "mlp",
+                     [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", d])],
+                     [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", classes])], inits)
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 13)])
+
+
+def test_refit_ridge_by_rows_generalizes(tmp_path: Path) -> None:
+    """160 calibration rows for a Gemm with 129 inputs (the worst case of a near-exact fit: rows ~ inputs).
+    The cross-validated ridge must beat the old fixed one (0.01) on fresh inputs, and the report says
+    what it chose and its held-out error."""
+    model = _random_mlp()
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((160, 64)).astype(np.float32))
+    x = {"x": rng.standard_normal((2000, 64)).astype(np.float32)}
+    ref = run(model, x)[0]
+
+    def fresh_error(ridge):
+        out, rep = prune(model, prune_ratio=0.5, calib=str(tmp_path / "c.npz"), prune_importance="l1",
+                         prune_ridge=ridge)
+        y = run(out, x)[0]
+        return float(np.linalg.norm(y - ref) / np.linalg.norm(ref - ref.mean(0))), rep["refit_layers"][0]
+
+    fixed, f_fixed = fresh_error(0.01)
+    chosen, f_cv = fresh_error(None)
+    assert f_fixed["ridge"] == 0.01 and f_fixed["heldout_after"] is None
+    assert f_cv["ridge"] > 0.01 and f_cv["heldout_after"] < f_cv["heldout_before"]
+    assert f_cv["error_after"] > f_fixed["error_after"]  # fits its own rows less closely ...
+    assert chosen < 0.9 * fixed  # ... and generalizes better (measured 0.53 vs 0.69)
+
+
 def test_target_params_reached() -> None:
     model, x, labels = _digits("digits_mlp")
     out, rep = prune(model, prune_target="params=0.5", calib=str(MODELS / "digits_calib.npz"), round_to=8,
@@ -275,6 +316,21 @@ def test_cli_prune_reports_groups(tmp_path: Path) -> None:
     assert out.exists()
 
 
+def test_cli_no_latency_reaches_prune(tmp_path: Path) -> None:
+    """--no-latency: prune measures nothing (it read an option the CLI never set), and its report still
+    gives seconds per stage."""
+    out, js = tmp_path / "o.onnx", tmp_path / "r.json"
+    p = _cli(str(MODELS / "digits_mlp.onnx"), str(out), "--passes", "prune", "--prune-ratio", "0.3",
+             "--calib", str(MODELS / "digits_calib.npz"), "--no-latency", "--json", str(js))
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(js.read_text())
+    section = rep["extra"]["prune"]
+    assert "latency" not in section and "latency" not in section["seconds"]
+    assert {"trace", "select", "rewrite", "refit"} <= set(section["seconds"]) == set(section["cpu_seconds"])
+    assert rep["latency"] is None and all(s["latency"] is None for s in rep["stages"])
+    assert "prune: latency" not in p.stdout and "prune: seconds trace" in p.stdout
+
+
 def test_fixed_batch_model_refit_and_target() -> None:
     """A model whose batch is fixed (8) is fed whole batches of 8 by refit and sensitivity."""
     model = load("digits_mlp")
@@ -316,6 +372,43 @@ def test_recon_selection_beats_weight_norm(ratio: float) -> None:
         acc[imp] = _acc(out, x, labels)
     assert err["recon"] < 0.8 * err["l1"], err
     assert acc["recon"] >= acc["l1"] - 0.5, acc
+
+
+def test_recon_unit_costs_match_per_unit_solve_and_budget() -> None:
+    """The batched per-unit costs equal one solve per unit (the formula they replaced); past the downdate
+    budget a group is chosen in one step, removing as many channels and still valid."""
+    from onnxslim.prune import refit
+    from onnxslim.calibration import load_calibration
+
+    model = load("struct_resnet")
+    calib = load_calibration("random", model, size=32)
+    an = ch.analyze(ch.traced_graph(model))
+    imp = ch.importance(an, "l1")
+    sel = refit.ReconSelector(an, model, calib, imp, batch=16)
+    dense = [r for r in sel.readers if "P" in r]
+    assert dense
+    for r in dense[:4]:
+        gi = min(r["groups"])
+        n = len(an.groups[gi].units)
+        want = np.zeros(n)
+        for u in range(n):
+            f = np.flatnonzero(r["feat"] == (gi << 32) + u)
+            if len(f):
+                bf = r["beta"][f]
+                want[u] = r["scale"] * float(np.sum(bf * np.linalg.solve(r["P"][np.ix_(f, f)], bf)))
+        np.testing.assert_allclose(refit._unit_costs(r, gi, n), want, rtol=1e-9, atol=1e-12)
+    ratios = {g.id: 0.5 for g in an.groups if g.prunable}
+    greedy = ch.plan(an, ratios, imp, round_to=1, select=sel)
+    budget = refit.DOWNDATE_BUDGET
+    try:
+        refit.DOWNDATE_BUDGET = 0
+        one_step = ch.plan(an, ratios, imp, round_to=1, select=sel)
+    finally:
+        refit.DOWNDATE_BUDGET = budget
+    assert (~one_step).sum() == (~greedy).sum() > 0
+    graph, _ = ch.pruned_copy(an, one_step)
+    out = ch.export(graph, model)
+    onnx.checker.check_model(out)
 
 
 def test_zero_channel_oracle_opset11_split_attribute() -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from onnxslim import channels as ch
-from onnxslim.sensitivity import allocate
+from onnxslim import prune as ch
+from onnxslim.prune.sensitivity import allocate
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"

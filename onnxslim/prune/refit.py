@@ -8,7 +8,12 @@ For every consumer layer L whose input channels were pruned: X' = L's input in t
     ||X' W + b - Y||^2 + lam ||W - W0||^2
 
 over calibration data: a ridge pulled toward the pruned weights W0 rather than toward zero, so a
-layer seen on few rows stays close to what it was. Memory is bounded: X'^T X' and X'^T Y are
+layer seen on few rows stays close to what it was. How strong: a layer with plenty of rows per input
+feature (ROWS_PER_FEATURE) gets DEFAULT_RIDGE; one with fewer (a classifier Gemm fitted on 64 samples
+for ~1000 inputs would otherwise be fitted exactly, and generalize worse than the plain pruned weights)
+gets its strength by 2-fold cross-validation over calibration *samples* (even/odd), among RIDGE_GRID,
+"bias only" and "no refit"; the chosen lam is per row, so the final fit on all rows is relatively
+weaker than on one fold. Memory is bounded: X'^T X' and X'^T Y are
 accumulated over calibration batches and a capped random sample of rows (conv output positions),
 never the whole design matrix. Layers are refit in dependency order, in levels: the layers of one
 level do not feed each other, so one run of the pruned model serves all of them.
@@ -16,6 +21,7 @@ level do not feed each other, so one run of the pruned model serves all of them.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -25,13 +31,17 @@ import onnx_graphsurgeon as gs
 from onnx import ModelProto
 
 from onnxslim.calibration import CalibrationData
-from onnxslim.channels import Analysis, keep_positions
 from onnxslim.graph import const_value, to_proto
+from onnxslim.prune.tracing import Analysis, keep_positions
 
 DEFAULT_RIDGE = 1e-2
 DEFAULT_MAX_ROWS = 40000
+DOWNDATE_BUDGET = 2e10  # multiply-adds of the selection's downdates per group (~ seconds on one core)
 MAX_DENSE_FEATURES = 1536  # a dense selection state of 1536 features is 18 MB per reader
 ROWS_PER_FEATURE = 16  # rows sampled per input feature: enough for a well-posed fit, cheap to accumulate
+# Ridge strengths tried by cross-validation, relative to the mean input energy of all rows (DEFAULT_RIDGE's
+# unit); inf = "bias only": the pruned weights, the intercept refitted.
+RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, float("inf"))
 
 
 @dataclass
@@ -43,6 +53,10 @@ class LayerFit:
     error_before: float  # relative reconstruction error sqrt(|XW0+b0-Y|^2 / |Y|^2) with the pruned weights
     error_after: float
     skipped: str | None = None
+    ridge: float | None = None  # the strength used (DEFAULT_RIDGE's unit); inf: only the bias was refitted
+    # cross-validated relative errors (fit on one half of the samples, measured on the other), when chosen so
+    heldout_before: float | None = None
+    heldout_after: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,11 +71,82 @@ class _Layer:
     B: np.ndarray | None = None
     yy: float = 0.0
     rows: int = 0
+    # Refit layers accumulate the odd-numbered samples here and the even-numbered ones in ``fold`` (the two
+    # halves of the cross-validation; every row is multiplied once), merged by ``merge_fold`` for the fit.
+    fold: "_Layer | None" = None
+
+    def add(self, xr: np.ndarray, yr: np.ndarray) -> None:
+        """Accumulate normal equations of rows ``xr`` (bias column included) and targets ``yr``."""
+        a, b = (xr.T @ xr).astype(np.float64), (xr.T @ yr).astype(np.float64)
+        self.A = a if self.A is None else self.A + a
+        self.B = b if self.B is None else self.B + b
+        self.yy += float(np.square(yr, dtype=np.float64).sum())
+        self.rows += len(xr)
+
+    def merge_fold(self) -> "_Layer | None":
+        """Add the even-numbered half into the totals; returns that half (None when it is empty)."""
+        f, self.fold = self.fold, None
+        if f is None or f.A is None:
+            return None
+        if self.A is None:
+            self.A, self.B = f.A.copy(), f.B.copy()
+        else:
+            self.A, self.B = self.A + f.A, self.B + f.B
+        self.yy += f.yy
+        self.rows += f.rows
+        return f
 
     @property
     def features(self) -> int:
         w = const_value(self.node.inputs[1])
         return int(np.prod(w.shape[1:])) if self.node.op == "Conv" else int(w.shape[0])
+
+
+_BLAS_CALLS = (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+               ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+               ("openblas_get_num_threads", "openblas_set_num_threads"))
+
+
+def _openblas() -> tuple[Callable[[], int], Callable[[int], None]] | None:
+    """numpy's OpenBLAS thread getter/setter, from the library this process loaded (Linux), else None."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {ln.split()[-1] for ln in f if "openblas" in ln.lower() and ".so" in ln}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for get, put in _BLAS_CALLS:
+            if hasattr(lib, get) and hasattr(lib, put):
+                getter, setter = getattr(lib, get), getattr(lib, put)
+                getter.restype = ctypes.c_int
+                setter.argtypes = [ctypes.c_int]
+                return getter, setter
+    return None
+
+
+@contextmanager
+def one_blas_thread():
+    """Run numpy's BLAS on one thread: the normal equations are many small products, and OpenBLAS's
+    threads cost more than they give on them (measured on 2 busy cores: X^T X of 4096 x 26 took 5 ms
+    with 2 threads, 0.4 ms with one; of 16000 x 1000, 0.97 s against 0.39 s), the more so next to
+    onnxruntime's own threads."""
+    blas = _openblas()
+    if blas is None:
+        yield
+        return
+    getter, setter = blas
+    before = getter()
+    setter(1)
+    try:
+        yield
+    finally:
+        setter(before)
 
 
 def _with_outputs(model: ModelProto, names: list[str]) -> ModelProto:
@@ -96,8 +181,9 @@ def _conv_geometry(node: gs.Node, w: np.ndarray, x_shape: tuple, y_shape: tuple)
 
 
 def _conv_rows(node: gs.Node, w: np.ndarray, x: np.ndarray, y: np.ndarray, n_rows: int,
-               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Sampled im2col rows of ``x`` and the matching output positions of ``y`` ([rows, C*kh*kw], [rows, Cout])."""
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sampled im2col rows of ``x``, the matching output positions of ``y`` ([rows, C*kh*kw], [rows, Cout])
+    and the sample (index in the batch) each row comes from."""
     kh, kw, sh, sw, dh, dw, pt, pb, pl, pr = _conv_geometry(node, w, x.shape, y.shape)
     xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
     b, _, ho, wo = y.shape
@@ -107,7 +193,26 @@ def _conv_rows(node: gs.Node, w: np.ndarray, x: np.ndarray, y: np.ndarray, n_row
     ii, jj = np.divmod(rem, wo)
     cols = [xp[bi, :, ii * sh + ki * dh, jj * sw + kj * dw] for ki in range(kh) for kj in range(kw)]
     patches = np.stack(cols, axis=-1).reshape(len(idx), -1)  # channel-major, then kernel position: W's order
-    return patches, y[bi, :, ii, jj]
+    return patches, y[bi, :, ii, jj], bi
+
+
+def _rows(node: gs.Node, x: np.ndarray, y: np.ndarray, n_rows: int,
+          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A layer's design rows with a bias column (float32), its targets, and each row's sample in the batch:
+    im2col positions of a Conv, or rows of the flattened leading axes of a Gemm/MatMul input; at most
+    ``n_rows``, sampled without replacement."""
+    if node.op == "Conv":
+        xr, yr, sample = _conv_rows(node, np.asarray(const_value(node.inputs[1])), x, y, n_rows, rng)
+    else:
+        xr, yr = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        b = x.shape[0] if x.ndim > 1 else 1
+        per = len(xr) // b if b and len(xr) % b == 0 else len(xr)  # rows per sample
+        sample = np.arange(len(xr)) // max(per, 1)
+        if len(xr) > n_rows:
+            pick = rng.choice(len(xr), n_rows, replace=False)
+            xr, yr, sample = xr[pick], yr[pick], sample[pick]
+    xr = np.concatenate([xr, np.ones((len(xr), 1), xr.dtype)], axis=1).astype(np.float32)
+    return xr, yr.astype(np.float32), sample
 
 
 def _bias_add(node: gs.Node, graph: gs.Graph) -> tuple[gs.Node, int] | None:
@@ -185,11 +290,15 @@ def _write(layer: _Layer, mat: np.ndarray, bias: np.ndarray | None, tag: str) ->
         add.inputs[k] = gs.Constant(f"{add.inputs[k].name}_{tag}", new.astype(old.dtype))
 
 
+@one_blas_thread()
 def refit_layers(graph: gs.Graph, nodes: dict[int, gs.Node], an: Analysis, keep: np.ndarray,
                  original: ModelProto, template: ModelProto, calib: CalibrationData, *, batch: int = 64,
-                 ridge: float = DEFAULT_RIDGE, max_rows: int = DEFAULT_MAX_ROWS, seed: int = 0,
+                 ridge: float | None = None, max_rows: int = DEFAULT_MAX_ROWS, seed: int = 0,
                  progress: Callable[[str], None] = lambda m: None) -> list[LayerFit]:
-    """Refit, in place on the pruned ``graph``, every consumer that lost input channels (see module doc)."""
+    """Refit, in place on the pruned ``graph``, every consumer that lost input channels (see module doc).
+
+    ``ridge``: a fixed strength for every layer; None: DEFAULT_RIDGE where rows are plenty, else chosen
+    by cross-validation."""
     from onnxslim.runtime import make_session
 
     rng = np.random.default_rng(seed)
@@ -207,7 +316,7 @@ def refit_layers(graph: gs.Graph, nodes: dict[int, gs.Node], an: Analysis, keep:
             fits.append(LayerFit(node.name, node.op, 0, 0, float("nan"), float("nan"), skipped="transA"))
             continue
         out_keep = keep_positions(c.out_ids, keep) if c.out_ids is not None else None
-        layer = _Layer(node, out_keep)
+        layer = _Layer(node, out_keep, fold=_Layer(node, out_keep))
         if node.op == "MatMul":
             layer.bias_add = _bias_add(node, graph)
         layers.append(layer)
@@ -246,6 +355,7 @@ def refit_layers(graph: gs.Graph, nodes: dict[int, gs.Node], an: Analysis, keep:
         sp, so = make_session(pruned), make_session(teacher)
         p_names = [o.name for o in sp.get_outputs()]
         o_names = [o.name for o in so.get_outputs()]
+        offset = 0  # samples seen before this batch: a row's sample number decides its fold
         for feeds in calib.batches(batch):
             px = dict(zip(p_names, sp.run(p_names, feeds)))
             oy = dict(zip(o_names, so.run(o_names, feeds)))
@@ -255,56 +365,107 @@ def refit_layers(graph: gs.Graph, nodes: dict[int, gs.Node], an: Analysis, keep:
                 y = np.asarray(oy[la.node.outputs[0].name], np.float32)
                 if la.out_keep is not None:
                     y = np.compress(la.out_keep, y, axis=1 if la.node.op in ("Conv", "Gemm") else y.ndim - 1)
-                if la.node.op == "Conv":
-                    w = np.asarray(const_value(la.node.inputs[1]))
-                    xr, yr = _conv_rows(la.node, w, x, y, rows_per_batch, rng)
-                else:
-                    xr, yr = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-                    if len(xr) > rows_per_batch:
-                        pick = rng.choice(len(xr), rows_per_batch, replace=False)
-                        xr, yr = xr[pick], yr[pick]
                 # float32 products per batch (half the time), summed across batches in float64
-                xr = np.concatenate([xr, np.ones((len(xr), 1))], axis=1).astype(np.float32)
-                yr = yr.astype(np.float32)
-                a, b = (xr.T @ xr).astype(np.float64), (xr.T @ yr).astype(np.float64)
-                la.A = a if la.A is None else la.A + a
-                la.B = b if la.B is None else la.B + b
-                la.yy += float(np.square(yr, dtype=np.float64).sum())
-                la.rows += len(xr)
+                xr, yr, sample = _rows(la.node, x, y, rows_per_batch, rng)
+                even = (offset + sample) % 2 == 0
+                if even.all():
+                    la.fold.add(xr, yr)
+                elif not even.any():
+                    la.add(xr, yr)
+                else:
+                    la.fold.add(xr[even], yr[even])
+                    la.add(xr[~even], yr[~even])
+            offset += len(next(iter(feeds.values())))
         del sp, so
         for la in todo:
-            fits.append(_solve(la, ridge, tag=f"refit{lv}"))
+            fits.append(_solve(la, la.merge_fold(), ridge, tag=f"refit{lv}"))
             la.A = la.B = None
     return fits
 
 
-def _solve(la: _Layer, ridge: float, tag: str) -> LayerFit:
+def _fit(A: np.ndarray, B: np.ndarray, w0: np.ndarray, d: int, has_bias: bool, lam: float) -> np.ndarray:
+    """argmin |XW - Y|^2 + lam |W[:d] - W0[:d]|^2 from the normal equations; lam = inf: W0 with the
+    intercept refitted (the bias is never pulled back: it absorbs the mean of what the removed channels
+    carried)."""
+    if np.isinf(lam):
+        w = w0.copy()
+        if has_bias and A[d, d] > 0:
+            w[d] = (B[d] - A[d, :d] @ w0[:d]) / A[d, d]
+        return w
+    reg = np.zeros(A.shape[0])
+    reg[:d] = lam
+    try:
+        return np.linalg.solve(A + np.diag(reg), B + reg[:, None] * w0)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(A + np.diag(reg), B + reg[:, None] * w0, rcond=None)[0]
+
+
+def _sq_err(w: np.ndarray, A: np.ndarray, B: np.ndarray, yy: float) -> float:
+    """|XW - Y|^2 from the normal equations."""
+    return max(float(np.einsum("ij,ij->", w, A @ w) - 2 * np.einsum("ij,ij->", w, B) + yy), 0.0)
+
+
+Normal = tuple  # (A, B, yy, rows): the normal equations of some rows and their target energy
+
+
+def _cross_validate(full: Normal, fold: Normal, w0: np.ndarray, d: int, has_bias: bool,
+                    unit: float) -> tuple[float | None, float, float]:
+    """2-fold cross-validation over samples (``fold``: the even-numbered ones; the rest is ``full``
+    minus ``fold``): the best ridge in RIDGE_GRID or None for "keep w0", its held-out relative error, w0's.
+
+    ``unit``: the mean input energy per row; a fold fits with lam = ridge * unit * its own rows, i.e.
+    the same per-row prior as the final fit on all rows."""
+    other = (full[0] - fold[0], full[1] - fold[1], full[2] - fold[2], full[3] - fold[3])
+    halves = (fold, other)
+    base = sum(_sq_err(w0, *h[:3]) for h in halves)
+    best, best_err = None, base
+    for r in RIDGE_GRID:
+        e = 0.0
+        for k in range(2):
+            A, B, _, n = halves[k]
+            w = _fit(A, B, w0, d, has_bias, r * unit * n)
+            e += _sq_err(w, *halves[1 - k][:3]) if np.all(np.isfinite(w)) else np.inf
+        if e < best_err:
+            best, best_err = r, e
+    return best, float(np.sqrt(best_err / full[2])), float(np.sqrt(base / full[2]))
+
+
+def _solve(la: _Layer, f: _Layer | None, ridge: float | None, tag: str) -> LayerFit:
+    """Fit ``la`` (totals over all rows); ``f``: the even-numbered half, for cross-validation."""
     mat0, b0 = _current(la)
     has_bias = b0 is not None
-    A, B = la.A, la.B
-    if not has_bias:  # no place for an intercept: drop its row and column
-        A, B = A[:-1, :-1], B[:-1]
+
+    def normal(x: _Layer) -> Normal:  # without a place for an intercept, drop its row and column
+        return (x.A, x.B, x.yy, x.rows) if has_bias else (x.A[:-1, :-1], x.B[:-1], x.yy, x.rows)
+
+    full = normal(la)
+    A, B = full[0], full[1]
     w0 = np.vstack([mat0, b0[None, :]]) if has_bias else mat0
     d = mat0.shape[0]
+    name = la.node.name or la.node.op
 
     def err(w: np.ndarray) -> float:
-        e = float(np.einsum("ij,ij->", w, A @ w) - 2 * np.einsum("ij,ij->", w, B) + la.yy)
-        return float(np.sqrt(max(e, 0.0) / la.yy)) if la.yy > 0 else 0.0
+        return float(np.sqrt(_sq_err(w, A, B, la.yy) / la.yy)) if la.yy > 0 else 0.0
 
     before = err(w0)
-    lam = ridge * float(np.trace(A[:d, :d])) / max(d, 1)
-    reg = np.zeros(A.shape[0])
-    reg[:d] = lam  # the bias is not pulled back: it absorbs the mean of what the removed channels carried
-    try:
-        w = np.linalg.solve(A + np.diag(reg), B + reg[:, None] * w0)
-    except np.linalg.LinAlgError:
-        w = np.linalg.lstsq(A + np.diag(reg), B + reg[:, None] * w0, rcond=None)[0]
+    unit = float(np.trace(A[:d, :d])) / max(d, 1) / max(la.rows, 1)  # mean input energy per row
+    held_before = held_after = None
+    chosen = DEFAULT_RIDGE if ridge is None else ridge
+    if ridge is None and la.rows < ROWS_PER_FEATURE * A.shape[0] and la.yy > 0 \
+            and f is not None and f.A is not None and 0 < f.rows < la.rows:
+        chosen, held_after, held_before = _cross_validate(full, normal(f), w0, d, has_bias, unit)
+        if chosen is None:
+            return LayerFit(name, la.node.op, la.rows, A.shape[0], before, before, skipped=(
+                f"the pruned weights generalize better (cross-validated error {held_before:.4f})"),
+                heldout_before=held_before, heldout_after=held_before)
+    w = _fit(A, B, w0, d, has_bias, chosen * unit * la.rows)
     after = err(w)
-    name = la.node.name or la.node.op
     if not np.all(np.isfinite(w)) or after > before:
-        return LayerFit(name, la.node.op, la.rows, A.shape[0], before, before, skipped="no improvement")
+        return LayerFit(name, la.node.op, la.rows, A.shape[0], before, before, skipped="no improvement",
+                        heldout_before=held_before, heldout_after=held_before)
     _write(la, w[:d], w[d] if has_bias else None, tag)
-    return LayerFit(name, la.node.op, la.rows, A.shape[0], before, after)
+    return LayerFit(name, la.node.op, la.rows, A.shape[0], before, after, ridge=chosen,
+                    heldout_before=held_before, heldout_after=held_after)
 
 
 class ReconSelector:
@@ -325,6 +486,7 @@ class ReconSelector:
     accumulated per batch (ThiNet's criterion without the refit term).
     """
 
+    @one_blas_thread()
     def __init__(self, an: Analysis, model: ModelProto, calib: CalibrationData, imp: np.ndarray, *,
                  batch: int = 64, ridge: float = 1e-4, max_rows: int = DEFAULT_MAX_ROWS, seed: int = 0,
                  progress: Callable[[str], None] = lambda m: None) -> None:
@@ -371,24 +533,15 @@ class ReconSelector:
                 x = np.asarray(got[la.node.inputs[0].name], np.float32)
                 y = np.asarray(got[la.node.outputs[0].name], np.float32)
                 rows = max(64, min(max_rows, max(4096, ROWS_PER_FEATURE * la.features)) // n_batches)
-                if la.node.op == "Conv":
-                    xr, yr = _conv_rows(la.node, np.asarray(const_value(la.node.inputs[1])), x, y, rows, rng)
-                else:
-                    xr, yr = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-                    if len(xr) > rows:
-                        pick = rng.choice(len(xr), rows, replace=False)
-                        xr, yr = xr[pick], yr[pick]
-                la.yy += float(np.square(yr, dtype=np.float64).sum())
+                xr, yr, _ = _rows(la.node, x, y, rows, rng)
                 if isinstance(la.A, dict):
+                    la.yy += float(np.square(yr, dtype=np.float64).sum())
                     w = la.B.astype(np.float32)
                     for code_u in la.A:
                         f = np.flatnonzero(feat[:-1] == code_u)
                         la.A[code_u] += float(np.square(xr[:, f] @ w[f], dtype=np.float64).sum())
                     continue
-                xr = np.concatenate([xr, np.ones((len(xr), 1), np.float32)], axis=1)
-                a, b = (xr.T @ xr).astype(np.float64), (xr.T @ yr).astype(np.float64)
-                la.A = a if la.A is None else la.A + a
-                la.B = b if la.B is None else la.B + b
+                la.add(xr, yr)
         for c, la, feat in layers:
             groups = {int(v >> 32) for v in feat if v >= 0}
             if isinstance(la.A, dict):
@@ -407,6 +560,7 @@ class ReconSelector:
                                  "groups": groups})
             la.A = la.B = None
 
+    @one_blas_thread()
     def __call__(self, removals: dict[str, int]) -> list[tuple[str, int]]:
         chosen: list[tuple[str, int]] = []
         state = [dict(r, P=r["P"].copy(), beta=r["beta"].copy(), feat=r["feat"].copy()) if "P" in r else r
@@ -421,18 +575,19 @@ class ReconSelector:
                 scores = np.array([self.imp[u].sum() for u in g.units])
                 chosen += [(g.id, int(u)) for u in np.argsort(scores, kind="stable")[:n]]
                 continue
+            # Block elimination costs ~ d^2 * (features removed) per reader whatever the step; past the
+            # budget the group is chosen in one step from the first costs (no downdate between removals).
+            work = sum(len(r["feat"]) ** 2 * np.count_nonzero((r["feat"] >> 32) == gi) for r in mine if "P" in r)
+            one_step = work * n / max(len(g.units), 1) > DOWNDATE_BUDGET
             while n > 0:
-                step = max(1, n // 16)
-                costs = np.zeros(len(left))
+                step = n if one_step else max(1, n // 16)
+                costs = np.zeros(len(g.units))
                 for r in mine:
                     if "cost" in r:
-                        costs += [r["cost"].get((gi << 32) + u, 0.0) for u in left]
-                        continue
-                    for k, u in enumerate(left):
-                        f = np.flatnonzero(r["feat"] == (gi << 32) + u)
-                        if len(f):
-                            bf = r["beta"][f]
-                            costs[k] += r["scale"] * float(np.sum(bf * np.linalg.solve(r["P"][np.ix_(f, f)], bf)))
+                        costs += [r["cost"].get((gi << 32) + u, 0.0) for u in range(len(g.units))]
+                    else:
+                        costs += _unit_costs(r, gi, len(g.units))
+                costs = costs[left]
                 drop = [left[k] for k in np.argsort(costs, kind="stable")[:step]]
                 for r in mine:
                     if "P" in r:
@@ -442,6 +597,32 @@ class ReconSelector:
                 left = [u for u in left if u not in drop]
                 n -= len(drop)
         return chosen
+
+
+def _unit_costs(r: dict[str, Any], gi: int, n_units: int) -> np.ndarray:
+    """Per unit of group ``gi``: the error increase scale * tr(beta_F^T P_FF^-1 beta_F) of removing it
+    from reader ``r`` (0 for units the reader does not see). Units of equal block size are solved
+    in one batched call (the per-unit loop was most of the selection's time)."""
+    out = np.zeros(n_units)
+    feat = r["feat"]
+    idx = np.flatnonzero((feat >> 32) == gi)
+    if not len(idx):
+        return out
+    unit = (feat[idx] & 0xFFFFFFFF).astype(np.int64)
+    order = np.argsort(unit, kind="stable")
+    idx, unit = idx[order], unit[order]
+    units, starts, counts = np.unique(unit, return_index=True, return_counts=True)
+    for k in np.unique(counts):
+        sel = counts == k
+        F = idx[starts[sel][:, None] + np.arange(k)]  # [U, k] feature indices per unit
+        bf = r["beta"][F]  # [U, k, outputs]
+        pff = r["P"][F[:, :, None], F[:, None, :]]  # [U, k, k]
+        try:
+            sol = np.linalg.solve(pff, bf)
+        except np.linalg.LinAlgError:
+            sol = np.stack([np.linalg.lstsq(a, b, rcond=None)[0] for a, b in zip(pff, bf)])
+        out[units[sel]] += r["scale"] * np.einsum("ukm,ukm->u", bf, sol)
+    return out
 
 
 def _downdate(r: dict[str, Any], f: np.ndarray) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from onnx import ModelProto
 
-from onnxslim import channels as ch
+from onnxslim import prune as ch
 from onnxslim.calibration import CalibrationData
 
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -87,7 +87,7 @@ def measure(model: ModelProto, calib: CalibrationData, *, an: ch.Analysis | None
                     from onnxslim.graph import to_proto
 
                     if refit:
-                        from onnxslim.refit import refit_layers
+                        from onnxslim.prune.refit import refit_layers
 
                         refit_layers(graph, nodes, an, keep, model, model, data, batch=batch)
 
@@ -158,7 +158,7 @@ def run_sensitivity(model: ModelProto, calib_spec: str, *, settings: Any, import
     imp = ch.importance(an, "l2" if importance == "l2" else "l1")
     select = None
     if importance == "recon":  # the same channel choice as the prune pass makes
-        from onnxslim.refit import ReconSelector
+        from onnxslim.prune.refit import ReconSelector
 
         select = ReconSelector(an, model, calib, imp, batch=calib.batch_size, progress=progress)
     res = measure(model, calib, an=an, imp=imp, ratios=ratios, importance=importance, round_to=round_to,

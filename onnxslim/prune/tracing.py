@@ -25,9 +25,9 @@ from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx import ModelProto
 
 from onnxslim.graph import const_value, has_subgraph, is_default_domain, outer_scope_names
+
 
 # Elementwise ops of one tensor input: every output element depends on the same element of the input.
 UNARY = frozenset({
@@ -36,35 +36,23 @@ UNARY = frozenset({
     "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Tan", "Atan", "Asin", "Acos", "Sinh", "Cosh", "Cast",
     "ThresholdedRelu", "Shrink", "Not", "IsNaN", "IsInf", "Swish", "FastGelu",
 })
+
+
 # Elementwise ops with numpy broadcasting over several inputs.
 BROADCAST = frozenset({
     "Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Max", "Min", "Sum", "Mean", "Where", "Clip", "Equal", "Greater",
     "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod", "BitShift",
 })
+
+
 POOLS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
+
+
 REDUCE = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
                     "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"})
+
+
 WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-
-
-
-def _nchwc_block() -> int:
-    """onnxruntime's blocked-conv (NCHWc) channel block on this CPU: 16 with AVX-512, 8 otherwise (AVX2, and
-    a safe multiple for the vectorized GEMMs elsewhere). Channel counts that are not multiples of it
-    take the slower im2col path: on the digits CNN pruned by 0.3 on an AVX-512 machine, counts of
-    24/48 (--round-to 8) ran 0.93x the original's batch-64 latency, 16/48 (--round-to 16) 0.40x, and
-    unrounded counts 1.3-2.3x *slower* (tools/bench_prune.py prints the table)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return 16 if " avx512f" in line else 8
-    except OSError:
-        pass
-    return 8
-
-
-DEFAULT_ROUND_TO = _nchwc_block()
 
 
 @dataclass
@@ -915,267 +903,6 @@ class _Tracer:
     op_Size = op_Shape
 
 
-def analyze(graph: gs.Graph) -> Analysis:
-    """Trace channels through ``graph`` (toposorted, shapes inferred) and build the groups."""
-    graph.toposort()
-    an = _Tracer(graph).run()
-    _build_groups(an)
-    return an
-
-
-def _build_groups(an: Analysis) -> None:
-    n = an.n_atoms
-    if not n:
-        return
-    roots = np.array([an.root(a) for a in range(n)], np.int64)
-    src = np.asarray(an.atom_source, np.int64)
-    # Sources joined by any shared unit form one group.
-    suf = _UnionFind()
-    suf.add(len(an.sources))
-    first_src: dict[int, int] = {}
-    for a in range(n):
-        r = int(roots[a])
-        if r in first_src:
-            suf.union(first_src[r], int(src[a]))
-        else:
-            first_src[r] = int(src[a])
-    by_group: dict[int, list[int]] = {}
-    for s in range(len(an.sources)):
-        by_group.setdefault(suf.find(s), []).append(s)
-    units_of: dict[int, dict[int, list[int]]] = {}
-    for a in range(n):
-        g = suf.find(int(src[a]))
-        units_of.setdefault(g, {}).setdefault(int(roots[a]), []).append(a)
-    consumers_of: dict[int, set[str]] = {}
-    for c in an.consumers:
-        for a in np.unique(c.ids[c.ids >= 0]):
-            consumers_of.setdefault(suf.find(int(src[a])), set()).add(c.name or c.op)
-    for k, (g, members) in enumerate(sorted(by_group.items(), key=lambda kv: min(kv[1]))):
-        units = [np.array(v, np.int64) for v in units_of.get(g, {}).values()]
-        reasons = []
-        for u in units:
-            for a in u:
-                r = an.frozen.get(int(a))
-                if r is not None and r not in reasons:
-                    reasons.append(r)
-        an.groups.append(Group(f"g{k}", sorted(members), units, reasons, sorted(consumers_of.get(g, set()))))
-
-
-# --- importance, plans, rewriting, cost ---------------------------------------------------------
-
-def _norms(w: np.ndarray, axis: int, kind: str) -> np.ndarray:
-    m = np.moveaxis(np.asarray(w, np.float64), axis, 0).reshape(w.shape[axis], -1)
-    return np.abs(m).sum(1) if kind == "l1" else np.sqrt((m * m).sum(1))
-
-
-def _bn_scale(an: Analysis, src: Source) -> np.ndarray | None:
-    """|gamma| / sqrt(var + eps) of a BatchNormalization that alone reads the source's output."""
-    node = an.graph.nodes[src.node]
-    out = node.outputs[0]
-    if len(out.outputs) != 1 or out.outputs[0].op != "BatchNormalization":
-        return None
-    bn = out.outputs[0]
-    gamma, var = const_value(bn.inputs[1]), const_value(bn.inputs[4])
-    if gamma is None or var is None or gamma.shape != (src.count,):
-        return None
-    return np.abs(gamma.astype(np.float64)) / np.sqrt(var.astype(np.float64) + float(bn.attrs.get("epsilon", 1e-5)))
-
-
-def importance(an: Analysis, kind: str = "l1", bn: bool = True, consumers: bool = False) -> np.ndarray:
-    """Per-atom importance: the norm of each output channel's weights (times the BatchNorm scale that
-    follows, i.e. the norm of the folded weights), normalized by the layer's mean so that every layer
-    of a group has an equal say. ``consumers`` adds the norms of the input channels of readers."""
-    imp = np.zeros(an.n_atoms, np.float64)
-    for s in an.sources:
-        node = an.graph.nodes[s.node]
-        w = const_value(node.inputs[s.weight_index])
-        v = _norms(w, s.weight_axis, kind)
-        if bn:
-            scale = _bn_scale(an, s)
-            if scale is not None:
-                v = v * scale
-        mean = v.mean() if v.size else 0.0
-        imp[s.out_ids] += v / mean if mean > 0 else v
-    if consumers:
-        for c in an.consumers:
-            node = an.graph.nodes[c.node]
-            w = const_value(node.inputs[1])
-            if w is None:
-                continue
-            v = _norms(w, c.weight_axis, kind)
-            mean = v.mean() if v.size else 0.0
-            v = v / mean if mean > 0 else v
-            ok = c.ids >= 0
-            np.add.at(imp, c.ids[ok], v[ok])
-    return imp
-
-
-def kept_count(units: int, ratio: float, round_to: int = 1, min_channels: int = 1) -> int:
-    """Units kept of ``units`` when removing ``ratio``: nearest multiple of ``round_to`` (when the group is
-    at least that big), never below ``min_channels`` or 1, never above ``units``."""
-    if ratio <= 0 or units <= 1:
-        return units
-    raw = units * (1.0 - ratio)
-    if round_to > 1 and units >= round_to:
-        k = int(np.floor(raw / round_to + 0.5)) * round_to
-        k = max(k, round_to)
-    else:
-        k = int(np.floor(raw + 0.5))
-    return int(min(units, max(k, min(min_channels, units), 1)))
-
-
-def plan(an: Analysis, ratios: dict[str, float] | float, imp: np.ndarray, *, round_to: int = 1,
-         min_channels: int = 1, select: Callable[[dict[str, int]], list[tuple[str, int]]] | None = None) -> np.ndarray:
-    """The atom keep mask: in each prunable group, the least important units beyond the kept count go.
-
-    ``select`` (e.g. onnxslim.refit.ReconSelector) chooses which units instead: given units to remove
-    per group id, it returns (group id, unit index) pairs."""
-    keep = np.ones(an.n_atoms, bool)
-    removals: dict[str, int] = {}
-    for g in an.groups:
-        r = ratios if isinstance(ratios, (int, float)) else ratios.get(g.id, 0.0)
-        if not g.prunable or r <= 0:
-            continue
-        k = kept_count(len(g.units), float(r), round_to, min_channels)
-        if k < len(g.units):
-            removals[g.id] = len(g.units) - k
-    if select is not None and removals:
-        by_id = {g.id: g for g in an.groups}
-        for gid, u in select(removals):
-            keep[by_id[gid].units[u]] = False
-    else:
-        for g in an.groups:
-            if g.id in removals:
-                scores = np.array([imp[u].sum() for u in g.units])
-                for u in np.argsort(-scores, kind="stable")[len(g.units) - removals[g.id]:]:
-                    keep[g.units[u]] = False
-    # A Split/Slice piece must keep a channel: bring back its most important unit.
-    for seg in an.segments:
-        ids = seg[seg >= 0]
-        if len(ids) == len(seg) and len(ids) and not keep[ids].any():
-            best = ids[np.argmax(imp[ids])]
-            root = an.root(int(best))
-            keep[[a for a in range(an.n_atoms) if an.root(a) == root]] = True
-    return keep
-
-
-def apply(graph: gs.Graph, an: Analysis, keep: np.ndarray) -> dict[int, gs.Node]:
-    """Rewrite ``graph`` (``an.graph`` or a ``copy()`` of it: same node order) to drop the pruned atoms.
-
-    Returns node index -> node, taken before cleanup reorders anything. Shapes of intermediate
-    tensors are cleared (re-infer after export); graph inputs and outputs are never changed.
-    """
-    nodes = {i: n for i, n in enumerate(graph.nodes)}
-    by_input: dict[tuple[int, int], list[SliceEdit]] = {}
-    for e in an.edits:
-        by_input.setdefault((e.node, e.index), []).append(e)
-    for (i, k), edits in by_input.items():
-        masks = [(e.axis, keep_positions(e.ids, keep)) for e in edits]
-        if all(m.all() for _, m in masks):
-            continue
-        node = nodes[i]
-        v = np.asarray(const_value(node.inputs[k]))
-        for axis, m in masks:
-            if v.shape[axis] != len(m):
-                raise ValueError(f"pruning edit of '{node.name}' input {k}: axis {axis} has {v.shape[axis]} "
-                                 f"positions, layout has {len(m)}")
-            v = np.compress(m, v, axis=axis)
-        base = node.inputs[k].name or f"{node.name}_in{k}"
-        node.inputs[k] = gs.Constant(f"{base}_pruned_{i}_{k}", np.ascontiguousarray(v))
-    for i, fix in an.fixups:
-        fix(graph, i, keep)
-    io = {id(t) for t in list(graph.inputs) + list(graph.outputs)}
-    for t in graph.tensors().values():
-        if isinstance(t, gs.Variable) and id(t) not in io:
-            t.shape = None
-    graph.cleanup().toposort()
-    return nodes
-
-
-def _spatial_factor(node: gs.Node) -> int:
-    """Multiply-accumulates per weight element for one sample (batch axis 0 excluded)."""
-    def p(dims) -> int:
-        v = _prod([d for d in dims])
-        return v if v is not None else 1
-
-    out = node.outputs[0]
-    if node.op == "Conv":
-        s = _shape(out)
-        return p(s[2:]) if s else 1
-    if node.op == "ConvTranspose":
-        s = _shape(node.inputs[0])
-        return p(s[2:]) if s else 1
-    if node.op == "MatMul":
-        s = _shape(out)
-        return p(s[1:-1]) if s and len(s) > 2 else 1
-    return 1
-
-
-@dataclass
-class Cost:
-    params: int
-    macs: int
-
-
-def cost(an: Analysis, keep: np.ndarray | None = None) -> Cost:
-    """Parameters (float initializer elements) and per-sample MACs of the graph after pruning ``keep``
-    (without building it). Shared weights edited for several readers are counted per reader."""
-    g = an.graph
-    total = 0
-    seen: set[int] = set()
-    for t in g.tensors().values():
-        if isinstance(t, gs.Constant) and id(t) not in seen and np.dtype(t.dtype).kind == "f":
-            seen.add(id(t))
-            total += int(np.prod(t.shape, dtype=np.int64))
-    new_shape: dict[tuple[int, int], list[int]] = {}
-    if keep is not None:
-        by_input: dict[tuple[int, int], list[SliceEdit]] = {}
-        for e in an.edits:
-            by_input.setdefault((e.node, e.index), []).append(e)
-        for (i, k), edits in by_input.items():
-            t = g.nodes[i].inputs[k]
-            shape = list(_shape(t) or [])
-            old = int(np.prod(shape, dtype=np.int64))
-            for e in edits:
-                shape[e.axis] = int(keep_positions(e.ids, keep).sum())
-            new_shape[(i, k)] = shape
-            total -= old - int(np.prod(shape, dtype=np.int64))
-    macs = 0
-    for i, node in enumerate(g.nodes):
-        if node.op not in WEIGHTED or not is_default_domain(node):
-            continue
-        w = node.inputs[1] if len(node.inputs) > 1 else None
-        ws = _shape(w) if w is not None else None
-        if w is None or ws is None:
-            continue
-        if const_value(w) is None:
-            if node.op == "MatMul":  # activation x activation (attention): unchanged by pruning
-                a = _shape(node.inputs[0])
-                if a and _prod(a[1:]) and _prod(ws[-1:]):
-                    macs += _prod(a[1:]) * _prod(ws[-1:])
-            continue
-        shape = new_shape.get((i, 1), ws)
-        macs += int(np.prod(shape, dtype=np.int64)) * _spatial_factor(node)
-    return Cost(int(total), int(macs))
-
-
-def group_table(an: Analysis, keep: np.ndarray | None = None) -> list[dict]:
-    """Per group: sources, channels before/after, skip reasons, consumers (the report's rows)."""
-    rows = []
-    for g in an.groups:
-        after = g.channels if keep is None else int(sum(bool(keep[u[0]]) for u in g.units))
-        rows.append({
-            "group": g.id,
-            "layers": [an.sources[s].name or an.sources[s].op for s in g.sources],
-            "channels": g.channels,
-            "kept": after,
-            "skipped": "; ".join(g.reasons[:3]) + (f" (+{len(g.reasons) - 3} more)" if len(g.reasons) > 3 else "")
-            if g.reasons else None,
-            "consumers": g.consumers,
-        })
-    return rows
-
-
 def traced_graph(model) -> gs.Graph:
     """A graphsurgeon graph of ``model`` with inferred shapes, ready for ``analyze``."""
     import onnx
@@ -1187,22 +914,3 @@ def traced_graph(model) -> gs.Graph:
     except Exception:  # noqa: BLE001 - shapes only sharpen the analysis; without them groups get frozen
         inferred = model
     return to_gs(inferred)
-
-
-def pruned_copy(an: Analysis, keep: np.ndarray) -> tuple[gs.Graph, dict[int, gs.Node]]:
-    """A pruned copy of the analysed graph (the analysis stays valid for more plans)."""
-    g = an.graph.copy()
-    return g, apply(g, an, keep)
-
-
-def export(graph: gs.Graph, template: ModelProto) -> ModelProto:
-    """The pruned graph as a model, intermediate shapes inferred afresh."""
-    import onnx
-
-    from onnxslim.graph import to_proto
-
-    model = to_proto(graph, template)
-    try:
-        return onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - shapes are a convenience for later passes, not a requirement
-        return model
