@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import const_value, in_graph, is_default_domain, iter_graphs, substitute
+from onnxslim.graph import const_value, in_graph, is_default_domain, iter_graphs, stored_constant, substitute
 from onnxslim.manager import Context, Pass, PassResult, register
 
 FLOATS = (np.float16, np.float32, np.float64)
@@ -90,7 +90,9 @@ class _Fuser:
         self.stats = {"bn_folded": 0, "mul_add_fused": 0, "matmul_add_to_gemm": 0, "pad_into_conv": 0}
 
     def const(self, base: str, value: np.ndarray) -> gs.Constant:
-        return gs.Constant(self.names.new(base), np.array(value, order="C"))  # ascontiguousarray would make 0-d arrays 1-d
+        # A rewritten weight goes to the spill file at once when the run spills (graph.stored_constant):
+        # folding every conv of a model must not keep every new weight in memory until the save.
+        return stored_constant(self.names.new(base), np.array(value, order="C"))  # ascontiguousarray would make 0-d arrays 1-d
 
     # -- the producers ------------------------------------------------------------------------------
     def affine(self, p: gs.Node, scale: np.ndarray | None, shift: np.ndarray | None) -> bool:
