@@ -103,8 +103,8 @@ def stored_constant(name: str, values: np.ndarray) -> gs.Constant:
     weight never holds more than the one it is working on."""
     values = np.asarray(values)
     stub = weights.spill(values, name)
-    if stub is None:
-        return gs.Constant(name, values)
+    if stub is None:  # a C-ordered copy of its own (ascontiguousarray would make 0-d arrays 1-d)
+        return gs.Constant(name, np.array(values, order="C"))
     c = gs.Constant(name, StoredValues(stub))
     c._slim_stored = c._values
     return c

@@ -112,9 +112,13 @@ class _Source:
         while done < length:
             n = min(_CHUNK, length - done)
             piece = view[done:done + n]
-            if hasher is not None:
+            # Both release the GIL: the hash of a chunk runs beside the kernel's copy of it.
+            hashed = _hash_pool().submit(hasher.update, piece) if hasher is not None and n >= 1 << 20 else None
+            if hasher is not None and hashed is None:
                 hasher.update(piece)
             _copy_range(self.fd, f, offset + done, n, piece)
+            if hashed is not None:
+                hashed.result()
             start = (offset + done) // page * page
             if hasattr(mmap, "MADV_DONTNEED"):
                 self._mm.madvise(mmap.MADV_DONTNEED, start, offset + done + n - start)
@@ -148,6 +152,15 @@ def _closed(mm: mmap.mmap) -> bool:
 
 
 _copy_file_range_works = hasattr(os, "copy_file_range")
+_POOL = []
+
+
+def _hash_pool():
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL.append(ThreadPoolExecutor(1, thread_name_prefix="onnxslim-hash"))
+    return _POOL[0]
 
 
 class FileWriter:

@@ -75,6 +75,20 @@ def _channel_vector(c: np.ndarray, rank: int | None, axis_from_end: int, channel
     return np.broadcast_to(c.reshape(-1) if c.size == channels else c.reshape(-1)[:1], (channels,)).astype(np.float64)
 
 
+def _scale_rows(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``(w * scale[:, None, ...])`` computed in float64 and cast back to ``w``'s type, a few rows at a time:
+    the same values as in one go, without two float64 copies of a large weight (and their page faults)."""
+    out = np.empty(w.shape, w.dtype)
+    rows, dst = w.reshape(w.shape[0], -1), out.reshape(w.shape[0], -1)
+    step = max(1, (1 << 15) // max(1, rows.shape[1]))  # about 256 KB of float64 per chunk
+    buf = np.empty((min(step, rows.shape[0]), rows.shape[1]), np.float64)
+    for i in range(0, rows.shape[0], step):
+        j = min(rows.shape[0], i + step)
+        np.multiply(rows[i:j], scale[i:j, None], out=buf[:j - i])
+        dst[i:j] = buf[:j - i]
+    return out
+
+
 def _reset(node: gs.Node, inputs: list[gs.Tensor]) -> None:
     """Give ``node`` these inputs and only its first output (graphsurgeon lists stay in sync)."""
     node.inputs.clear()
@@ -92,7 +106,7 @@ class _Fuser:
     def const(self, base: str, value: np.ndarray) -> gs.Constant:
         # A rewritten weight goes to the spill file at once when the run spills (graph.stored_constant):
         # folding every conv of a model must not keep every new weight in memory until the save.
-        return stored_constant(self.names.new(base), np.array(value, order="C"))  # ascontiguousarray would make 0-d arrays 1-d
+        return stored_constant(self.names.new(base), value)
 
     # -- the producers ------------------------------------------------------------------------------
     def affine(self, p: gs.Node, scale: np.ndarray | None, shift: np.ndarray | None) -> bool:
@@ -125,22 +139,23 @@ class _Fuser:
         if w is None or (len(p.inputs) > 2 and p.inputs[2].name and b is None):
             return False
         m = self.channels(p)
-        wf = w.astype(np.float64)
         bf = np.zeros(m) if b is None else b.astype(np.float64).reshape(-1)
         if bf.shape != (m,):
             return False
+        new_w = None  # a shift alone leaves the weights as they are (no copy of them)
         if scale is not None:
             if p.op == "Conv":
-                wf = wf * scale.reshape((m,) + (1,) * (w.ndim - 1))
+                new_w = _scale_rows(w, scale)
             else:  # ConvTranspose: [C, M/group, k...]; output channel o = group_index * (M/group) + j
                 grp = int(p.attrs.get("group", 1))
                 c, mg = w.shape[0], w.shape[1]
-                wf = (wf.reshape((grp, c // grp, mg) + w.shape[2:])
-                      * scale.reshape((grp, 1, mg) + (1,) * (w.ndim - 2))).reshape(w.shape)
+                new_w = (w.astype(np.float64).reshape((grp, c // grp, mg) + w.shape[2:])
+                         * scale.reshape((grp, 1, mg) + (1,) * (w.ndim - 2))).reshape(w.shape).astype(w.dtype)
             bf = bf * scale
         if shift is not None:
             bf = bf + shift
-        p.inputs[1] = self.const(p.inputs[1].name, wf.astype(w.dtype))
+        if new_w is not None:
+            p.inputs[1] = self.const(p.inputs[1].name, new_w)
         new_b = self.const(p.inputs[2].name if b is not None else p.inputs[1].name + "_bias", bf.astype(w.dtype))
         if len(p.inputs) > 2:
             p.inputs[2] = new_b
