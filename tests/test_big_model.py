@@ -86,7 +86,8 @@ def _check_output(model: Path, out_dir: Path, external: bool) -> None:
     data = [p.name for p in out_dir.iterdir() if p.name.startswith("out.onnx.") and p.name.endswith(".data")]
     assert len(data) == (1 if external else 0), list(out_dir.iterdir())
     m = onnx.load(str(out), load_external_data=False)
-    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer) == external
+    large = [t for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL or len(t.raw_data) >= 1024]
+    assert large and all((t.data_location == onnx.TensorProto.EXTERNAL) == external for t in large)
     onnx.checker.check_model(str(out))
     before = onnx.load(str(model), load_external_data=False)
     assert len(m.graph.node) < len(before.graph.node)  # the dead Relus and Identities went
