@@ -6,8 +6,8 @@
   validation peaks at <= 1.5x the floor's memory and takes <= 3x its time (<= 2x with --no-validate);
   the output keeps external data beside it (or not) and validates. Marked slow (a minute or two each).
 - Spilling itself (fast): a run that spills writes the same bytes as one that does not, and leaves no file.
-- > 2 GB: the same on a 2.5 GB model, peak memory <= 2.5x the model size. Manual (minutes, 5 GB of
-  disk): ``ONNXSLIM_BIG_MB=2560 pytest tests/test_big_model.py -k over_2gb -s``; the README quotes its numbers.
+- > 2 GB: the same on a 2.5 GB model, peak memory <= 2.5x the model size (<= 1.5x for the Conv+BN stack).
+  Manual (minutes, 5-8 GB of disk): ``ONNXSLIM_BIG_MB=2560 pytest tests/test_big_model.py -k over_2gb -s``.
 
 Peak memory is ru_maxrss of the child, read by a small wrapper process (tools/bench.py run_child). Times are the best of two interleaved rounds, so a
 busy machine slows both sides alike.
@@ -219,16 +219,21 @@ def test_spill_store_reads_back_what_it_wrote(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("ONNXSLIM_BIG_MB"), reason="manual: set ONNXSLIM_BIG_MB=2560 (5+ GB of disk)")
-def test_over_2gb(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["matmul", "conv"])
+def test_over_2gb(tmp_path: Path, kind: str) -> None:
+    import make_big_models
     import make_models
 
     mb = int(os.environ["ONNXSLIM_BIG_MB"])
-    model = make_models.make_big(tmp_path / "model", mb)
+    if kind == "conv":  # 2x2 images: the 240 convs still run well inside the validation time limit
+        model = make_big_models.make_conv_bn(tmp_path / "model", mb, spatial=2)
+    else:
+        model = make_models.make_big(tmp_path / "model", mb)
     r = compare_with_floor(model, tmp_path / "work", external=True, rounds=1)
     summary = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items() if k != "report"}
     print(f"\nbig model ({mb} MB): {summary}")
     assert r["model_mb"] > 2048
     assert r["report"]["validation"]["passed"] and not r["report"]["validation"].get("skipped")
     _check_output(model, tmp_path / "work" / "validate", external=True)
-    assert r["validate_mb"] <= 2.5 * r["model_mb"], summary
+    assert r["validate_mb"] <= (1.5 if kind == "conv" else 2.5) * r["model_mb"], summary
     assert r["validate_mb"] <= 1.5 * r["floor_mb"], summary
