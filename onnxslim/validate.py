@@ -465,6 +465,37 @@ def _run_model(model: ModelProto | str | Path, inputs: dict[str, np.ndarray], *,
     return names, [np.concatenate([p[i] for p in parts]) for i in range(len(names))]
 
 
+# Lossless comparisons of models with at least this many bytes of weights run both graphs as they are,
+# without onnxruntime's graph rewrites: those (Conv+BN fusion, NCHWc weight re-layout, constant folding)
+# copy every weight they touch (3.3x a 300 MB Conv model in memory, 3/4 of the validation time), and
+# they differ between the two graphs, so they add nothing to a check that both compute the same thing.
+# Smaller models keep the rewrites (their copies are small; fp16 graphs then agree more closely, as
+# onnxruntime computes both the same way), and so do lossy gates, which must measure what onnxruntime
+# will run (e.g. fused int8 kernels).
+NO_REWRITES_BYTES = 64 << 20
+
+
+def _weight_bytes(model: ModelProto | str | Path) -> int:
+    """Bytes of the model with its weights (a file's size plus its external data), cheaply."""
+    from onnxslim import weights
+
+    if isinstance(model, ModelProto):
+        return weights.logical_size(model)
+    size = Path(model).stat().st_size
+    if size >= NO_REWRITES_BYTES:
+        return size
+    from onnxslim.model import load_model
+
+    try:
+        m = load_model(model, check=False, lazy=True)  # weights stay on disk: reads only the structure
+    except InputError:
+        return size
+    try:
+        return m.file_size
+    finally:
+        m.close()
+
+
 def static_batch(model: ModelProto) -> int | None:
     """The fixed leading dimension shared by all inputs, if any (then data is fed in chunks of it)."""
     sizes = set()
@@ -487,13 +518,10 @@ def compare_models(original: ModelProto | str | Path, optimized: ModelProto | st
     Lossy, without labels: every output's cosine >= ``min_cosine``, and top-1 agreement >= ``min_top1``
     on the outputs that are class scores (``score_outputs``; by default ``DEFAULT_MIN_TOP1``): a cosine
     near 1 can hide a classifier that changed one answer in five."""
-    # One session at a time (the original's outputs are computed and its session freed before the
-    # optimized one is built). Lossless comparisons run both graphs as they are: onnxruntime's rewrites
-    # (Conv+BN fusion, NCHWc weight re-layout, constant folding) copy every weight they touch (3.3x a
-    # 300 MB Conv model in memory, 3/4 of the validation time) and differ between the two graphs, so
-    # they can only add differences to a check that the graphs compute the same thing. Lossy gates
-    # keep them: there the numbers must be what onnxruntime will run (e.g. fused int8 kernels).
-    run = functools.partial(_run_model, chunk=chunk, custom_op_library=custom_op_library, optimize=lossy)
+    # One session at a time: the original's outputs are computed and its session freed before the
+    # optimized one is built.
+    optimize = lossy or _weight_bytes(original) < NO_REWRITES_BYTES
+    run = functools.partial(_run_model, chunk=chunk, custom_op_library=custom_op_library, optimize=optimize)
     try:
         names_a, outs_a = run(original, inputs)
     except InputError:
