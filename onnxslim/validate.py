@@ -481,7 +481,10 @@ def _weight_bytes(model: ModelProto | str | Path) -> int:
 
     if isinstance(model, ModelProto):
         return weights.logical_size(model)
-    size = Path(model).stat().st_size
+    try:
+        size = Path(model).stat().st_size
+    except OSError:  # onnxruntime will say what is wrong with it
+        return 0
     if size >= NO_REWRITES_BYTES:
         return size
     from onnxslim.model import load_model
