@@ -23,7 +23,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-TOOLS = Path(__file__).resolve().parent
 F = TensorProto.FLOAT
 PROTO_LIMIT = 2**31 - 2**26  # below protobuf's 2 GiB message limit, as onnxslim.model
 
