@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -242,8 +243,15 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
         report.stages.append(_stage_metrics(m, m.proto, "original", ctx, feeds, labels))
         on_stage = lambda proto, name: report.stages.append(_stage_metrics(m, proto, name, ctx, feeds, labels))  # noqa: E731
     pm = PassManager(names, options=pass_options, verify=verify, on_stage=on_stage)
+    # Lossless runs: large weights the passes rewrite go to a spill file beside OUT (onnxslim.weights).
+    spill = contextlib.ExitStack()
+    if not lossy:
+        spill.enter_context(weights.spilling(out_path.parent if out_path is not None else None))
     try:
         result = pm.run(m.proto, ctx)
+    except BaseException:
+        spill.close()
+        raise
     finally:
         report.passes = [r.to_dict() for r in pm.records]
         report.warnings.extend(pm.warnings)
@@ -319,6 +327,7 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
         if keep_model:
             weights.materialize_all(result)  # the caller gets a complete model, not stubs
     finally:
+        spill.close()  # after the save and materialize_all: nothing refers to the spill file any more
         if staged is not None:
             staged.discard()
         if tmpdir:

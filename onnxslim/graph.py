@@ -97,17 +97,45 @@ def _declared_io_types(graph: gs.Graph, proto: onnx.GraphProto) -> None:
         t.type = "tensor_type"
 
 
+def stored_constant(name: str, values: np.ndarray) -> gs.Constant:
+    """A Constant holding a new array a pass made. While the run is spilling (onnxslim.weights), a large
+    one goes to the spill file at once and the Constant reads it back lazily: a pass that rewrites every
+    weight never holds more than the one it is working on."""
+    values = np.asarray(values)
+    stub = weights.spill(values, name)
+    if stub is None:  # a C-ordered copy of its own (ascontiguousarray would make 0-d arrays 1-d)
+        return gs.Constant(name, np.array(values, order="C"))
+    c = gs.Constant(name, StoredValues(stub))
+    c._slim_stored = c._values
+    return c
+
+
+def _spill_constant(c: gs.Constant) -> None:
+    """Move a large in-memory array of ``c`` to the spill file (if spilling), leaving a lazy stub."""
+    if c._export_dtype is not None or not isinstance(c._values, np.ndarray):
+        return
+    stub = weights.spill(c._values, c.name)
+    if stub is not None:
+        c._values = c._slim_stored = StoredValues(stub)
+        c.data_location = None
+
+
 def to_proto(graph: gs.Graph, template: ModelProto) -> ModelProto:
     """Export ``graph`` and carry over every model-level field of ``template``.
 
     graphsurgeon rebuilds the ModelProto from scratch; metadata, producer, doc strings,
     IR version and opset imports of other domains would be lost without this.
+    While spilling, large arrays the passes made leave as stubs into the spill file, not as protobuf
+    copies (the graph's constants then read them lazily too).
     """
+    spilling = weights.spill_active()
     for c in _graph_constants(graph):
         # A weight a pass only read (values loaded, same array) leaves as its stub again, not as a copy.
         stored = getattr(c, "_slim_stored", None)
         if stored is not None and c._values is not stored and stored.is_loaded_as(c._values):
             c._values = stored
+        elif spilling:
+            _spill_constant(c)
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = template.ir_version
     model.producer_name = template.producer_name

@@ -7,6 +7,7 @@ is written.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -433,9 +434,21 @@ def accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
 def run_model(model: ModelProto | str | Path, inputs: dict[str, np.ndarray], *, chunk: int | None = None,
               custom_op_library: str | None = None) -> tuple[list[str], list[np.ndarray]]:
     """Run in onnxruntime; when ``chunk`` is given, feed axis-0 slices of that size and concatenate."""
+    return _run_model(model, inputs, chunk=chunk, custom_op_library=custom_op_library)
+
+
+def _run_model(model: ModelProto | str | Path, inputs: dict[str, np.ndarray], *, chunk: int | None = None,
+               custom_op_library: str | None = None, optimize: bool = True) -> tuple[list[str], list[np.ndarray]]:
+    """``run_model``; ``optimize=False`` runs the graph as it is, without onnxruntime's graph rewrites.
+
+    The session lives only inside this call: when it returns, the weights onnxruntime holds (mapped
+    external data, or its parse of an embedded file) are gone before the next model is loaded."""
+    import onnxruntime as ort
+
     from onnxslim.runtime import make_session, run
 
-    sess = make_session(model, custom_op_library=custom_op_library, prepack=False)  # a few runs: see runtime
+    level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = make_session(model, custom_op_library=custom_op_library, level=level, prepack=False)  # a few runs: see runtime
     names = [o.name for o in sess.get_outputs()]
     if not chunk:
         return names, run(sess, inputs)
@@ -450,6 +463,40 @@ def run_model(model: ModelProto | str | Path, inputs: dict[str, np.ndarray], *, 
         outs = run(sess, piece)
         parts.append([o[:chunk - short] for o in outs] if short else outs)
     return names, [np.concatenate([p[i] for p in parts]) for i in range(len(names))]
+
+
+# Lossless comparisons of models with at least this many bytes of weights run both graphs as they are,
+# without onnxruntime's graph rewrites: those (Conv+BN fusion, NCHWc weight re-layout, constant folding)
+# copy every weight they touch (3.3x a 300 MB Conv model in memory, 3/4 of the validation time), and
+# they differ between the two graphs, so they add nothing to a check that both compute the same thing.
+# Smaller models keep the rewrites (their copies are small; fp16 graphs then agree more closely, as
+# onnxruntime computes both the same way), and so do lossy gates, which must measure what onnxruntime
+# will run (e.g. fused int8 kernels).
+NO_REWRITES_BYTES = 64 << 20
+
+
+def _weight_bytes(model: ModelProto | str | Path) -> int:
+    """Bytes of the model with its weights (a file's size plus its external data), cheaply."""
+    from onnxslim import weights
+
+    if isinstance(model, ModelProto):
+        return weights.logical_size(model)
+    try:
+        size = Path(model).stat().st_size
+    except OSError:  # onnxruntime will say what is wrong with it
+        return 0
+    if size >= NO_REWRITES_BYTES:
+        return size
+    from onnxslim.model import load_model
+
+    try:
+        m = load_model(model, check=False, lazy=True)  # weights stay on disk: reads only the structure
+    except InputError:
+        return size
+    try:
+        return m.file_size
+    finally:
+        m.close()
 
 
 def static_batch(model: ModelProto) -> int | None:
@@ -474,15 +521,19 @@ def compare_models(original: ModelProto | str | Path, optimized: ModelProto | st
     Lossy, without labels: every output's cosine >= ``min_cosine``, and top-1 agreement >= ``min_top1``
     on the outputs that are class scores (``score_outputs``; by default ``DEFAULT_MIN_TOP1``): a cosine
     near 1 can hide a classifier that changed one answer in five."""
+    # One session at a time: the original's outputs are computed and its session freed before the
+    # optimized one is built.
+    optimize = lossy or _weight_bytes(original) < NO_REWRITES_BYTES
+    run = functools.partial(_run_model, chunk=chunk, custom_op_library=custom_op_library, optimize=optimize)
     try:
-        names_a, outs_a = run_model(original, inputs, chunk=chunk, custom_op_library=custom_op_library)
+        names_a, outs_a = run(original, inputs)
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001 - the reference itself fails: nothing to compare against
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise NotValidatable(f"the original model does not run in onnxruntime on these inputs: {first[-200:]}") from None
     try:
-        names_b, outs_b = run_model(optimized, inputs, chunk=chunk, custom_op_library=custom_op_library)
+        names_b, outs_b = run(optimized, inputs)
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001 - the original runs and the result does not: a failed check, not a crash

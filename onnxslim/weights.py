@@ -13,16 +13,24 @@ A stub's location starts with a NUL byte. No real path contains one, so a stub c
 by an input file (``model.check_external_locations`` refuses NUL) nor mistaken for a real
 external-data reference: onnx and onnxruntime fail on it instead of opening some other file.
 Stubs never leave the process: saving resolves them, and ``materialize`` turns them back into data.
+
+Weights a pass rewrites (bn-fold scales every conv weight, fold makes new arrays) would otherwise all be
+in memory at once, plus a protobuf copy of each at every graph<->proto conversion. While a run is
+``spilling`` (the lossless pipeline), such large new arrays are written to one unnamed *spill file*
+beside the output and replaced by stubs into it, exactly like weights loaded from the input: read back
+memory-mapped when a pass wants them, streamed into the output at save time, never resident in bulk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import mmap
 import os
 import stat
 import sys
+import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -36,6 +44,13 @@ MARKER = "\x00onnxslim:"
 # Tensors at least this large are left on disk when a model is loaded lazily.
 LAZY_THRESHOLD = 1024
 _CHUNK = 8 << 20  # streaming copies go through a buffer of this size, never through the whole tensor
+# New arrays at least this large go to the spill file while spilling (below it, memory is not where a
+# model's size is, and each spilled tensor costs a write and a mapping).
+SPILL_THRESHOLD = 64 << 10
+# Mapped pages are dropped after every this many bytes spilled: a pass that reads each weight once and
+# rewrites it (bn-fold) would otherwise end with every old weight resident as mapped pages.
+_RELEASE_EVERY = 64 << 20
+_SPILL_ALIGN = 4096  # spilled tensors start on a page: the views are aligned for any dtype
 
 
 class WireError(Exception):
@@ -49,24 +64,40 @@ class _Unusual(Exception):
 class _Source:
     """One opened file that stubs point into. Opened once, so later reads see the file that was checked."""
 
-    def __init__(self, path: Path) -> None:
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    def __init__(self, path: Path, fd: int | None = None) -> None:
+        """Open ``path`` read-only, or adopt ``fd`` (a spill file this process writes; ``path`` only names it)."""
         self.path = path
-        self.fd = os.open(path, flags)
+        if fd is None:
+            flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+            fd = os.open(path, flags)
+        self.fd = fd
         st = os.fstat(self.fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(self.fd)
             raise OSError(f"'{path}' is not a regular file")
         self.size = st.st_size
         self._mm: mmap.mmap | None = None
+        self._old: list[mmap.mmap] = []  # earlier, shorter mappings of a growing file that arrays may still view
 
     def view(self, offset: int, length: int) -> memoryview:
         """Zero-copy, read-only view of the bytes (memory-mapped)."""
         if length == 0:
             return memoryview(b"")
-        if self._mm is None:
+        if self._mm is None or offset + length > len(self._mm):
+            if self._mm is not None:  # the file grew (spill): map it again; the old mapping goes when its views do
+                self._old.append(self._mm)
+                self._old = [mm for mm in self._old if not _closed(mm)]
             self._mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
         return memoryview(self._mm)[offset:offset + length]
+
+    def append(self, data: memoryview) -> int:
+        """Write ``data`` at the end of the file, page-aligned; return its offset (spill files only)."""
+        offset = -(-self.size // _SPILL_ALIGN) * _SPILL_ALIGN
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:done + _CHUNK], offset + done)
+        self.size = offset + len(data)
+        return offset
 
     def copy_into(self, f: BinaryIO, offset: int, length: int, hasher=None) -> None:
         """Append the bytes to ``f`` (a FileWriter or BytesIO), hashing them on the way, a chunk at a time.
@@ -81,9 +112,13 @@ class _Source:
         while done < length:
             n = min(_CHUNK, length - done)
             piece = view[done:done + n]
-            if hasher is not None:
+            # Both release the GIL: the hash of a chunk runs beside the kernel's copy of it.
+            hashed = _hash_pool().submit(hasher.update, piece) if hasher is not None and n >= 1 << 20 else None
+            if hasher is not None and hashed is None:
                 hasher.update(piece)
             _copy_range(self.fd, f, offset + done, n, piece)
+            if hashed is not None:
+                hashed.result()
             start = (offset + done) // page * page
             if hasattr(mmap, "MADV_DONTNEED"):
                 self._mm.madvise(mmap.MADV_DONTNEED, start, offset + done + n - start)
@@ -91,22 +126,41 @@ class _Source:
 
     def release_pages(self) -> None:
         """Drop this mapping's resident pages (they stay in the page cache; views re-fault on access)."""
-        if self._mm is not None and hasattr(mmap, "MADV_DONTNEED"):
-            self._mm.madvise(mmap.MADV_DONTNEED)
+        if hasattr(mmap, "MADV_DONTNEED"):
+            for mm in self._old + ([self._mm] if self._mm is not None else []):
+                mm.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> None:
-        if self._mm is not None:
+        for mm in self._old + ([self._mm] if self._mm is not None else []):
             try:
-                self._mm.close()
+                mm.close()
             except BufferError:  # arrays still view it: the mapping goes when they do
                 pass
-            self._mm = None
+        self._mm, self._old = None, []
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
 
+def _closed(mm: mmap.mmap) -> bool:
+    """Close ``mm`` if no array views it any more; True when it is closed."""
+    try:
+        mm.close()
+        return True
+    except BufferError:
+        return False
+
+
 _copy_file_range_works = hasattr(os, "copy_file_range")
+_POOL = []
+
+
+def _hash_pool():
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL.append(ThreadPoolExecutor(1, thread_name_prefix="onnxslim-hash"))
+    return _POOL[0]
 
 
 class FileWriter:
@@ -188,6 +242,75 @@ class WeightStore:
 _STORES: dict[int, WeightStore] = {}
 
 
+def _unnamed_file(folder: Path) -> int:
+    """A read-write file in ``folder`` that has no name: nothing is left behind, even after SIGKILL."""
+    flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
+    if hasattr(os, "O_TMPFILE"):
+        try:
+            return os.open(folder, os.O_TMPFILE | flags, 0o600)
+        except OSError:  # file system without O_TMPFILE: a named file, unlinked at once
+            pass
+    fd, name = tempfile.mkstemp(prefix=".onnxslim-spill-", dir=folder)
+    os.unlink(name)
+    return fd
+
+
+class SpillStore(WeightStore):
+    """One spill file: large arrays made by passes, kept as stubs into it (see the module doc)."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        try:
+            fd = _unnamed_file(folder)
+        except OSError:  # e.g. no output folder given and the temporary folder is odd: the system's
+            folder = Path(tempfile.gettempdir())
+            fd = _unnamed_file(folder)
+        self.sources.append(_Source(folder / "<onnxslim spill file>", fd))
+        self.bytes = 0  # spilled so far
+        self._since_release = 0
+
+    def spill(self, arr: np.ndarray, name: str) -> TensorProto | None:
+        """A stub holding ``arr``'s values, or None when ``arr`` stays in memory (small or exotic type)."""
+        code = _CODES.get(arr.dtype)
+        if code is None or sys.byteorder != "little" or arr.nbytes < SPILL_THRESHOLD:
+            return None
+        flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        offset = self.sources[0].append(memoryview(flat))
+        t = TensorProto(name=name, data_type=code, dims=arr.shape)
+        self.make_stub(t, 0, offset, arr.nbytes)
+        self.bytes += arr.nbytes
+        self._since_release += arr.nbytes
+        if self._since_release >= _RELEASE_EVERY:
+            release_pages()
+            self._since_release = 0
+        return t
+
+
+_SPILL: list[SpillStore] = []  # the active spill store is the last one
+
+
+@contextlib.contextmanager
+def spilling(folder: str | os.PathLike | None = None) -> Iterator[SpillStore]:
+    """While the block runs, ``spill`` puts large new arrays into an unnamed file in ``folder`` (default:
+    the temporary folder). Stubs into it are valid until the block ends: save or materialize before."""
+    store = SpillStore(Path(folder) if folder is not None else Path(tempfile.gettempdir()))
+    _SPILL.append(store)
+    try:
+        yield store
+    finally:
+        _SPILL.remove(store)
+        store.close()
+
+
+def spill(arr: np.ndarray, name: str) -> TensorProto | None:
+    """A stub for ``arr`` in the active spill file, or None (not spilling, small, or an exotic dtype)."""
+    return _SPILL[-1].spill(arr, name) if _SPILL else None
+
+
+def spill_active() -> bool:
+    return bool(_SPILL)
+
+
 def release_pages() -> None:
     """Drop the resident pages of every mapped weight (memory-mapped weights read by passes count as
     this process's memory until then; the data stays in the page cache)."""
@@ -233,6 +356,7 @@ _DIRECT = {
     TensorProto.INT64: np.int64, TensorProto.UINT64: np.uint64, TensorProto.BOOL: np.bool_,
     TensorProto.COMPLEX64: np.complex64, TensorProto.COMPLEX128: np.complex128,
 }
+_CODES = {np.dtype(v): k for k, v in _DIRECT.items()}
 
 
 def stub_array(t: TensorProto) -> np.ndarray:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import const_value, in_graph, is_default_domain, iter_graphs, substitute
+from onnxslim.graph import const_value, in_graph, is_default_domain, iter_graphs, stored_constant, substitute
 from onnxslim.manager import Context, Pass, PassResult, register
 
 FLOATS = (np.float16, np.float32, np.float64)
@@ -75,6 +75,16 @@ def _channel_vector(c: np.ndarray, rank: int | None, axis_from_end: int, channel
     return np.broadcast_to(c.reshape(-1) if c.size == channels else c.reshape(-1)[:1], (channels,)).astype(np.float64)
 
 
+def _scale_rows(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``w * scale`` per output channel (axis 0), computed in float64 and cast back to ``w``'s type:
+    the same values as ``(w.astype(float64) * s).astype(w.dtype)`` without two float64 copies of a large
+    weight (numpy works through small buffers)."""
+    out = np.empty(w.shape, w.dtype)
+    np.multiply(w.reshape(w.shape[0], -1), scale[:, None], out=out.reshape(w.shape[0], -1), dtype=np.float64,
+                casting="same_kind")
+    return out
+
+
 def _reset(node: gs.Node, inputs: list[gs.Tensor]) -> None:
     """Give ``node`` these inputs and only its first output (graphsurgeon lists stay in sync)."""
     node.inputs.clear()
@@ -90,7 +100,9 @@ class _Fuser:
         self.stats = {"bn_folded": 0, "mul_add_fused": 0, "matmul_add_to_gemm": 0, "pad_into_conv": 0}
 
     def const(self, base: str, value: np.ndarray) -> gs.Constant:
-        return gs.Constant(self.names.new(base), np.array(value, order="C"))  # ascontiguousarray would make 0-d arrays 1-d
+        # A rewritten weight goes to the spill file at once when the run spills (graph.stored_constant):
+        # folding every conv of a model must not keep every new weight in memory until the save.
+        return stored_constant(self.names.new(base), value)
 
     # -- the producers ------------------------------------------------------------------------------
     def affine(self, p: gs.Node, scale: np.ndarray | None, shift: np.ndarray | None) -> bool:
@@ -123,22 +135,23 @@ class _Fuser:
         if w is None or (len(p.inputs) > 2 and p.inputs[2].name and b is None):
             return False
         m = self.channels(p)
-        wf = w.astype(np.float64)
         bf = np.zeros(m) if b is None else b.astype(np.float64).reshape(-1)
         if bf.shape != (m,):
             return False
+        new_w = None  # a shift alone leaves the weights as they are (no copy of them)
         if scale is not None:
             if p.op == "Conv":
-                wf = wf * scale.reshape((m,) + (1,) * (w.ndim - 1))
+                new_w = _scale_rows(w, scale)
             else:  # ConvTranspose: [C, M/group, k...]; output channel o = group_index * (M/group) + j
                 grp = int(p.attrs.get("group", 1))
                 c, mg = w.shape[0], w.shape[1]
-                wf = (wf.reshape((grp, c // grp, mg) + w.shape[2:])
-                      * scale.reshape((grp, 1, mg) + (1,) * (w.ndim - 2))).reshape(w.shape)
+                new_w = (w.astype(np.float64).reshape((grp, c // grp, mg) + w.shape[2:])
+                         * scale.reshape((grp, 1, mg) + (1,) * (w.ndim - 2))).reshape(w.shape).astype(w.dtype)
             bf = bf * scale
         if shift is not None:
             bf = bf + shift
-        p.inputs[1] = self.const(p.inputs[1].name, wf.astype(w.dtype))
+        if new_w is not None:
+            p.inputs[1] = self.const(p.inputs[1].name, new_w)
         new_b = self.const(p.inputs[2].name if b is not None else p.inputs[1].name + "_bias", bf.astype(w.dtype))
         if len(p.inputs) > 2:
             p.inputs[2] = new_b

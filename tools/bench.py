@@ -4,6 +4,7 @@
     python tools/bench.py --real                # also the PP-OCR det/rec/cls models of the rapidocr-onnxruntime wheel
     python tools/bench.py --only-real           # only those
     python tools/bench.py --big-mb 300          # a generated ~300 MB model with external data
+    python tools/bench.py --big-mb 300 --big-kind conv [--big-embedded]   # the Conv+BN stack (issue 13)
     python tools/bench.py DIR --json out.json   # any folder; --json writes every number
 
 Per model and tool, each command runs in its own child process, interleaved over --rounds rounds:
@@ -437,9 +438,15 @@ def real_models() -> list[Path]:
     return sorted(Path(next(iter(spec.submodule_search_locations))).rglob("*.onnx"))
 
 
-def make_big(folder: Path, mb: int) -> Path:
-    subprocess.run([sys.executable, str(ROOT / "tools" / "make_models.py"), "--big", str(folder), "--big-mb", str(mb)],
-                   check=True, stdout=subprocess.DEVNULL)
+def make_big(folder: Path, mb: int, kind: str = "matmul", embedded: bool = False) -> Path:
+    """The generated big model: the MatMul stack (no pass rewrites its weights) of tools/make_models.py, or
+    the Conv+BatchNorm stack of tools/make_big_models.py (bn-fold rewrites every conv weight)."""
+    if kind == "matmul" and not embedded:
+        cmd = [sys.executable, str(ROOT / "tools" / "make_models.py"), "--big", str(folder), "--big-mb", str(mb)]
+    else:
+        cmd = [sys.executable, str(ROOT / "tools" / "make_big_models.py"), str(folder), "--mb", str(mb), "--kind",
+               "conv" if kind == "conv" else "matmul"] + (["--embedded"] if embedded else [])
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return folder / "big.onnx"
 
 
@@ -449,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--real", action="store_true", help="also the PP-OCR models of the rapidocr-onnxruntime wheel")
     ap.add_argument("--only-real", action="store_true", help="only the PP-OCR models")
     ap.add_argument("--big-mb", type=int, help="only a generated model of about this many MB (external data)")
+    ap.add_argument("--big-kind", choices=("matmul", "conv"), default="matmul",
+                    help="--big-mb: a MatMul stack (weights kept) or a Conv+BatchNorm stack (every weight rewritten)")
+    ap.add_argument("--big-embedded", action="store_true", help="--big-mb: weights inside the .onnx (below 2 GB)")
     ap.add_argument("--rounds", type=int, help="interleaved timing rounds (default 3; 2 with --big-mb)")
     ap.add_argument("--filter", default="", help="only models whose name contains this")
     ap.add_argument("--skip", action="append", default=[], help="leave out a tool (onnxsim, ort-basic, ...); repeatable")
@@ -462,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     try:
         if args.big_mb:
-            model = make_big(work / "model", args.big_mb)
+            model = make_big(work / "model", args.big_mb, args.big_kind, args.big_embedded)
             models, big = [model], True
         else:
             models = [] if args.only_real else sorted(args.folder.glob("*.onnx"))
