@@ -44,7 +44,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxslim.graph import (NONDETERMINISTIC_OPS, const_value, has_subgraph, in_graph, is_default_domain,
-                            is_tensor, iter_graphs, static_shape, to_proto, toposort)
+                            is_tensor, iter_graphs, to_proto, toposort)
 from onnxslim.manager import Context, Pass, PassResult, register
 
 # Inputs of a node evaluated for a condition: shape-like values, never weights.
