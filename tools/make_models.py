@@ -6,6 +6,11 @@
   if_model.onnx           an If whose branches read outer-scope values and hold foldable and dead nodes
   loop_model.onnx         a Loop whose body reads an outer-scope weight and holds a nested If
   custom_op.onnx          an onnxruntime-extensions op (ai.onnx.contrib Inverse) among standard ops
+  bert_tiny.onnx          a BERT-family encoder shaped like a PyTorch/Hugging Face export (opset 14): int64
+                          input_ids/attention_mask/token_type_ids [batch, sequence], word/position/token-type
+                          (2-row) embeddings, additive mask bias, decomposed LayerNorm, Erf GELU, Shape/Gather/
+                          Concat reshapes, pooled output; bert_calib.npz holds 64 valid token batches for it.
+                          ``bert_tiny(opset=17 or 20)`` builds the same graph at a newer opset (tests).
 
 Also runs tools/make_structure_models.py (pruning structures). With ``--big DIR --big-mb N`` it writes
 DIR/big.onnx, a deep MatMul stack of about N MB with external data, streamed to disk tensor by tensor so that a
@@ -78,10 +83,12 @@ class Builder:
             n.input[:] = [new if i == tensor else i for i in n.input]
         return new
 
-    def model(self, inputs: list[tuple[str, list]], outputs: list[tuple[str, list]], opset: int = 13) -> onnx.ModelProto:
+    def model(self, inputs: list[tuple[str, list]], outputs: list[tuple[str, list]], opset: int = 13,
+              types: dict[str, int] | None = None) -> onnx.ModelProto:
+        types = types or {}
         g = helper.make_graph(self.nodes, self.name,
-                              [helper.make_tensor_value_info(n, F, s) for n, s in inputs],
-                              [helper.make_tensor_value_info(n, F, s) for n, s in outputs], self.inits)
+                              [helper.make_tensor_value_info(n, types.get(n, F), s) for n, s in inputs],
+                              [helper.make_tensor_value_info(n, types.get(n, F), s) for n, s in outputs], self.inits)
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
         return onnx.shape_inference.infer_shapes(m, strict_mode=True)
 
@@ -153,6 +160,179 @@ def transformer_block(d: int = 64, heads: int = 4, ffn: int = 128) -> onnx.Model
                         b.const("half", np.array(0.5, np.float32))])
     b.rename_output(b.op("Add", [x, dense(gelu, ffn, d)]), "output")
     return _finish(b.model([("input", ["batch", "seq", d])], [("output", ["batch", "seq", d])], opset=17))
+
+
+# -- BERT-family encoder, shaped like a torch.onnx export of a Hugging Face BertModel ---------------------
+
+BERT_VOCAB, BERT_POSITIONS, BERT_TYPES = 1000, 128, 2
+BERT_HIDDEN, BERT_HEADS, BERT_FFN, BERT_LAYERS = 64, 4, 256, 2
+BERT_PAD, BERT_CLS, BERT_SEP = 0, 1, 2
+# Trained BERTs carry a few residual-stream "outlier dimensions" (LayerNorm gains far above the rest,
+# Kovaleva et al. 2021): they are what breaks naive static INT8, so the tiny model has them too.
+BERT_OUTLIER_DIMS = (5, 37)
+I64 = TensorProto.INT64
+
+
+class _ExportBuilder(Builder):
+    """Node names ``/scope/Op_k`` with outputs ``…_output_0``, scalars as Constant nodes and weights as
+    named initializers, the way torch.onnx's exporter writes a Hugging Face model."""
+
+    def __init__(self, name: str, seed: int, opset: int) -> None:
+        super().__init__(name, seed)
+        self.opset = opset
+
+    def node(self, scope: str, op_type: str, inputs: list[str], **attrs) -> str:
+        base = f"{scope}/{op_type}"
+        k = self.count.get(base, 0)
+        self.count[base] = k + 1
+        name = base if k == 0 else f"{base}_{k}"
+        self.nodes.append(helper.make_node(op_type, inputs, [f"{name}_output_0"], name=name, **attrs))
+        return f"{name}_output_0"
+
+    def constant(self, scope: str, value) -> str:
+        return self.node(scope, "Constant", [], value=numpy_helper.from_array(np.asarray(value)))
+
+    def weight(self, name: str, value: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def normal(self, shape, std: float) -> np.ndarray:
+        return (self.rng.standard_normal(shape) * std).astype(np.float32)
+
+    def unsqueeze(self, scope: str, x: str, axes: list[int]) -> str:
+        if self.opset >= 13:
+            return self.node(scope, "Unsqueeze", [x, self.constant(scope, np.array(axes, np.int64))])
+        return self.node(scope, "Unsqueeze", [x], axes=axes)
+
+    def reduce_mean_last(self, scope: str, x: str) -> str:
+        if self.opset >= 18:
+            return self.node(scope, "ReduceMean", [x, self.constant(scope, np.array([-1], np.int64))], keepdims=1)
+        return self.node(scope, "ReduceMean", [x], axes=[-1], keepdims=1)
+
+    def dim(self, scope: str, x: str, i: int) -> str:
+        """``x.size(i)`` as a 1-element int64 tensor: Shape -> Gather(i) -> Unsqueeze, as traced."""
+        d = self.node(scope, "Gather", [self.node(scope, "Shape", [x]), self.constant(scope, np.array(i, np.int64))],
+                      axis=0)
+        return self.unsqueeze(scope, d, [0])
+
+    def layer_norm(self, scope: str, x: str, prefix: str, d: int, eps: float = 1e-12) -> str:
+        """LayerNorm as exported below opset 17: ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div/Mul/Add."""
+        gamma = 1.0 + self.normal(d, 0.1)
+        gamma[list(BERT_OUTLIER_DIMS)] = 6.0
+        beta = self.normal(d, 0.05)
+        diff = self.node(scope, "Sub", [x, self.reduce_mean_last(scope, x)])
+        var = self.reduce_mean_last(scope, self.node(scope, "Pow", [diff, self.constant(scope, np.array(2.0, np.float32))]))
+        std = self.node(scope, "Sqrt", [self.node(scope, "Add", [var, self.constant(scope, np.array(eps, np.float32))])])
+        y = self.node(scope, "Mul", [self.node(scope, "Div", [diff, std]), self.weight(f"{prefix}.weight", gamma)])
+        return self.node(scope, "Add", [y, self.weight(f"{prefix}.bias", beta)])
+
+    def linear(self, scope: str, x: str, prefix: str, cin: int, cout: int, gain: float = 1.0) -> str:
+        """nn.Linear on a 3-D input: MatMul by the transposed weight, then Add(bias, ·) (bias first, as exported)."""
+        y = self.node(scope, "MatMul", [x, self.weight(f"onnx::MatMul_{prefix}.weight", self.normal((cin, cout), gain / np.sqrt(cin)))])
+        return self.node(scope, "Add", [self.weight(f"{prefix}.bias", self.normal(cout, 0.02)), y])
+
+    def gelu(self, scope: str, x: str, kind: str) -> str:
+        if kind == "erf":  # x * 0.5 * (1 + erf(x / sqrt(2))), as F.gelu exports
+            erf = self.node(scope, "Erf", [self.node(scope, "Div", [x, self.constant(scope, np.array(np.sqrt(2.0), np.float32))])])
+            y = self.node(scope, "Mul", [x, self.node(scope, "Add", [erf, self.constant(scope, np.array(1.0, np.float32))])])
+            return self.node(scope, "Mul", [y, self.constant(scope, np.array(0.5, np.float32))])
+        # tanh approximation (GPT-2 / "gelu_new"): 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))
+        cube = self.node(scope, "Pow", [x, self.constant(scope, np.array(3.0, np.float32))])
+        inner = self.node(scope, "Add", [x, self.node(scope, "Mul", [self.constant(scope, np.array(0.044715, np.float32)), cube])])
+        t = self.node(scope, "Tanh", [self.node(scope, "Mul", [self.constant(scope, np.array(np.sqrt(2.0 / np.pi), np.float32)), inner])])
+        half_x = self.node(scope, "Mul", [self.constant(scope, np.array(0.5, np.float32)), x])
+        return self.node(scope, "Mul", [half_x, self.node(scope, "Add", [self.constant(scope, np.array(1.0, np.float32)), t])])
+
+    def heads(self, scope: str, x: str, heads: int, hd: int, perm: list[int]) -> str:
+        """transpose_for_scores: view(x.size()[:-1] + (heads, hd)) then permute (keys: straight to [b, h, d, s])."""
+        shape = self.node(scope, "Concat", [self.dim(scope, x, 0), self.dim(scope, x, 1),
+                                            self.constant(scope, np.array([heads], np.int64)),
+                                            self.constant(scope, np.array([hd], np.int64))], axis=0)
+        return self.node(scope, "Transpose", [self.node(scope, "Reshape", [x, shape])], perm=perm)
+
+
+def bert_tiny(opset: int = 14, gelu: str = "erf", layers: int = BERT_LAYERS) -> onnx.ModelProto:
+    """A 2-layer BERT (hidden 64, 4 heads, FFN 256) with inputs and outputs named as a BertModel export."""
+    b = _ExportBuilder("main_graph", seed=12, opset=opset)
+    d, nh, hd = BERT_HIDDEN, BERT_HEADS, BERT_HIDDEN // BERT_HEADS
+    e = "/embeddings"
+    words = b.node(f"{e}/word_embeddings", "Gather",
+                   [b.weight("embeddings.word_embeddings.weight", b.normal((BERT_VOCAB, d), 1.0)), "input_ids"])
+    types = b.node(f"{e}/token_type_embeddings", "Gather",
+                   [b.weight("embeddings.token_type_embeddings.weight", b.normal((BERT_TYPES, d), 0.3)), "token_type_ids"])
+    # position_ids = self.position_ids[:, :seq_length]
+    pos_ids = b.node(e, "Slice", [b.weight("embeddings.position_ids", np.arange(BERT_POSITIONS, dtype=np.int64)[None]),
+                                  b.constant(e, np.array([0], np.int64)), b.dim(e, "input_ids", 1),
+                                  b.constant(e, np.array([1], np.int64)), b.constant(e, np.array([1], np.int64))])
+    pos = b.node(f"{e}/position_embeddings", "Gather",
+                 [b.weight("embeddings.position_embeddings.weight", b.normal((BERT_POSITIONS, d), 0.3)), pos_ids])
+    h = b.node(e, "Add", [b.node(e, "Add", [words, types]), pos])
+    h = b.layer_norm(f"{e}/LayerNorm", h, "embeddings.LayerNorm", d)
+    # extended mask: (1.0 - mask[:, None, None, :]) * finfo(float32).min, added to every score
+    m = b.node("", "Cast", [b.unsqueeze("", b.unsqueeze("", "attention_mask", [1]), [2])], to=F)
+    m = b.node("", "Sub", [b.constant("", np.array(1.0, np.float32)), m])
+    bias = b.node("", "Mul", [m, b.constant("", np.array(np.finfo(np.float32).min, np.float32))])
+    for i in range(layers):
+        s, p = f"/encoder/layer.{i}", f"encoder.layer.{i}"
+        sa = f"{s}/attention/self"
+        q, k, v = (b.linear(f"{sa}/{n}", h, f"{p}.attention.self.{n}", d, d, gain=1.5 if n != "value" else 1.0)
+                   for n in ("query", "key", "value"))
+        q, v = b.heads(sa, q, nh, hd, [0, 2, 1, 3]), b.heads(sa, v, nh, hd, [0, 2, 1, 3])
+        k = b.heads(sa, k, nh, hd, [0, 2, 3, 1])
+        scores = b.node(sa, "Div", [b.node(sa, "MatMul", [q, k]), b.constant(sa, np.array(np.sqrt(hd), np.float32))])
+        probs = b.node(sa, "Softmax", [b.node(sa, "Add", [scores, bias])], axis=-1)
+        c = b.node(sa, "Transpose", [b.node(sa, "MatMul", [probs, v])], perm=[0, 2, 1, 3])
+        c = b.node(sa, "Reshape", [c, b.node(sa, "Concat", [b.dim(sa, c, 0), b.dim(sa, c, 1),
+                                                            b.constant(sa, np.array([d], np.int64))], axis=0)])
+        o = b.linear(f"{s}/attention/output/dense", c, f"{p}.attention.output.dense", d, d)
+        h = b.layer_norm(f"{s}/attention/output/LayerNorm", b.node(f"{s}/attention/output", "Add", [o, h]),
+                         f"{p}.attention.output.LayerNorm", d)
+        f = b.linear(f"{s}/intermediate/dense", h, f"{p}.intermediate.dense", d, BERT_FFN)
+        f = b.gelu(f"{s}/intermediate/intermediate_act_fn", f, gelu)
+        o = b.linear(f"{s}/output/dense", f, f"{p}.output.dense", BERT_FFN, d)
+        h = b.layer_norm(f"{s}/output/LayerNorm", b.node(f"{s}/output", "Add", [o, h]), f"{p}.output.LayerNorm", d)
+    h = b.rename_output(h, "last_hidden_state")
+    first = b.node("/pooler", "Gather", [h, b.constant("/pooler", np.array(0, np.int64))], axis=1)  # hidden[:, 0]
+    pooled = b.node("/pooler/dense", "Gemm", [first, b.weight("pooler.dense.weight", b.normal((d, d), 0.3 / np.sqrt(d))),
+                                              b.weight("pooler.dense.bias", b.normal(d, 0.02))],
+                    alpha=1.0, beta=1.0, transB=1)
+    b.rename_output(b.node("/pooler/activation", "Tanh", [pooled]), "pooler_output")
+    io = ["input_ids", "attention_mask", "token_type_ids"]
+    m = b.model([(n, ["batch", "sequence"]) for n in io],
+                [("last_hidden_state", ["batch", "sequence", d]), ("pooler_output", ["batch", d])],
+                opset=opset, types={n: I64 for n in io})
+    return _finish(m, producer="pytorch")
+
+
+def bert_calib(n: int = 64, seq: int = 16, seed: int = 13) -> dict[str, np.ndarray]:
+    """Token batches a tokenizer could have made: [CLS] ids [SEP] (and a second segment of token type 1
+    in every other sample), then padding with id 0 and mask 0; a few samples fill the whole sequence."""
+    rng = np.random.default_rng(seed)
+    ids = np.full((n, seq), BERT_PAD, np.int64)
+    mask = np.zeros((n, seq), np.int64)
+    types = np.zeros((n, seq), np.int64)
+    for i in range(n):
+        length = seq if i % 8 == 0 else int(rng.integers(5, seq + 1))
+        ids[i, 0], ids[i, 1:length - 1], ids[i, length - 1] = BERT_CLS, rng.integers(3, BERT_VOCAB, length - 2), BERT_SEP
+        mask[i, :length] = 1
+        if i % 2:
+            cut = int(rng.integers(2, length - 1))
+            ids[i, cut - 1] = BERT_SEP
+            types[i, cut:length] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """np.savez with fixed zip timestamps, so that the file is byte-identical on every run."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for key, value in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.ascontiguousarray(value), allow_pickle=False)
+            z.writestr(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
+    return path
 
 
 def if_model() -> onnx.ModelProto:
@@ -232,7 +412,7 @@ def custom_op() -> onnx.ModelProto:
 
 
 MODELS = {"cnn_bn": cnn_bn, "transformer_block": transformer_block, "if_model": if_model,
-          "loop_model": loop_model, "custom_op": custom_op}
+          "loop_model": loop_model, "custom_op": custom_op, "bert_tiny": bert_tiny}
 
 
 def make_big(out_dir: Path, size_mb: int, width: int = 2048) -> Path:
@@ -290,6 +470,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         path = args.out / f"{name}.onnx"
         onnx.save(fn(), str(path))
         written.append(path)
+    written.append(save_npz(args.out / "bert_calib.npz", bert_calib()))
     if (TOOLS / "make_structure_models.py").exists():  # the pruning models (another owner's script)
         sys.path.insert(0, str(TOOLS))
         import make_structure_models
