@@ -73,7 +73,8 @@ def _return_freed_memory() -> None:
 
 def _validation_data(m: Model, ctx: Context, inputs: str | os.PathLike | dict | None, lossy: bool,
                      val_shapes: dict[str, list[int]] | None = None, val_samples: int | None = None,
-                     val_seed: int = 0) -> tuple[dict[str, np.ndarray] | None, np.ndarray | None, str]:
+                     val_seed: int = 0, val_range: tuple[float, float] | None = None
+                     ) -> tuple[dict[str, np.ndarray] | None, np.ndarray | None, str]:
     """Inputs for the final comparison: the user's, else held-out calibration data for lossy runs, else
     generated (valid) inputs: ``val_samples`` of them at ``val_shapes`` (data only: the model is not changed)."""
     if isinstance(inputs, dict):
@@ -90,7 +91,12 @@ def _validation_data(m: Model, ctx: Context, inputs: str | os.PathLike | dict | 
             return calib.inputs, calib.labels, f"calibration data {calib.source}"
     try:
         shapes = {**ctx.input_shapes, **(val_shapes or {})}
-        return make_inputs(m.proto, shapes, batch=val_samples, seed=val_seed), None, "random"
+        try:
+            return make_inputs(m.proto, shapes, batch=val_samples, seed=val_seed, float_range=val_range), None, "random"
+        except InputError as e:
+            if not val_shapes:
+                raise
+            raise InputError(str(e).replace("--input-shape", "--val-shape")) from None
     except NotValidatable as e:
         return None, None, str(e)
 
@@ -192,7 +198,7 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
              progress: Callable[[str], None] | None = None,
              keep_model: bool = True, auto_lossless: bool = True,
              val_shapes: dict[str, list[int]] | None = None, val_samples: int | None = None,
-             val_seed: int = 0) -> tuple[ModelProto | None, Report]:
+             val_seed: int = 0, val_range: tuple[float, float] | None = None) -> tuple[ModelProto | None, Report]:
     """Run a pipeline over a model, validate the result, and (if ``output``) write it atomically.
 
     Returns the optimized ModelProto and the Report. Raises InputError for bad input, GateError when
@@ -201,7 +207,8 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
     be declared by ``onnxslim.options.RunOptions`` or by a pass in the pipeline (else InputError).
     ``keep_model=False`` returns None instead of the model (the CLI: weights never need to be in memory).
     ``auto_lossless``: run the lossless preset before the first lossy pass when nothing cleans the graph first.
-    ``val_shapes`` / ``val_samples`` / ``val_seed``: generated validation inputs (when no ``inputs``).
+    ``val_shapes`` / ``val_samples`` / ``val_seed`` / ``val_range``: generated validation inputs (when no
+    ``inputs``); ``val_range`` draws float inputs uniformly from (low, high) instead of a standard normal.
     """
     t0 = time.perf_counter()
     _return_freed_memory()
@@ -246,7 +253,7 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
     feeds = labels = None
     source = ""
     if validate or check_each_pass:
-        feeds, labels, source = _validation_data(m, ctx, inputs, lossy, val_shapes, val_samples, val_seed)
+        feeds, labels, source = _validation_data(m, ctx, inputs, lossy, val_shapes, val_samples, val_seed, val_range)
         ctx.inputs, ctx.labels = feeds, labels
 
     verify = None

@@ -33,6 +33,18 @@ def _parse_shape(values: tuple[str, ...], flag: str = "--input-shape") -> dict[s
     return shapes
 
 
+def _parse_range(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"--val-range '{text}': expected LOW,HIGH (e.g. 0,1)") from None
+    if not lo < hi:
+        raise InputError(f"--val-range '{text}': LOW must be below HIGH")
+    return lo, hi
+
+
 def _log_passes(report: Any) -> None:
     """--verbose: each pass run, what it changed and what it decided, in order (stderr)."""
     for p in report.passes:
@@ -270,6 +282,8 @@ def cli() -> None:
               help="Shape of generated validation inputs, NAME:1,3,224,224 (the model is not changed; repeatable).")
 @click.option("--val-samples", type=click.IntRange(min=1), help="Generated validation samples (batch size).")
 @click.option("--val-seed", type=int, default=0, show_default=True, help="Seed of generated validation inputs.")
+@click.option("--val-range", type=str,
+              help="Generated float validation inputs uniform in LOW,HIGH (e.g. 0,1 for images; default: standard normal).")
 @click.option("--verbose", "-v", is_flag=True, help="Log what each pass did and decided, on stderr.")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
               help="Folder mode (IN and OUT folders): models optimized at once, one process each.")
@@ -277,13 +291,14 @@ def cli() -> None:
 def optimize_cmd(input_path: str, output_path: str, passes: str, input_shape: tuple[str, ...], inputs: str | None,
                  atol: float, rtol: float, no_validate: bool, check_each_pass: bool, force: bool,
                  json_path: str | None, custom_op_library: str | None, quiet: bool, debug: bool,
-                 val_shape: tuple[str, ...], val_samples: int | None, val_seed: int, verbose: bool, jobs: int,
+                 val_shape: tuple[str, ...], val_samples: int | None, val_seed: int, val_range: str | None,
+                 verbose: bool, jobs: int,
                  **options: Any) -> None:
     """Optimize IN and write OUT (default passes: lossless). IN and OUT may be folders (every .onnx in IN)."""
     from pathlib import Path
 
     from onnxslim.api import optimize
-    from onnxslim.report import Progress, format_report
+    from onnxslim.report import Progress, format_report, format_warnings
 
     if Path(input_path).is_dir() and not input_path.rstrip("/").endswith(".onnx"):
         from onnxslim.folder import run_folder
@@ -311,12 +326,15 @@ def optimize_cmd(input_path: str, output_path: str, passes: str, input_shape: tu
             latency=latency, options={k: v for k, v in options.items() if v is not None},
             custom_op_library=custom_op_library, progress=progress, keep_model=False, auto_lossless=auto_lossless,
             val_shapes=_parse_shape(val_shape, "--val-shape"), val_samples=val_samples, val_seed=val_seed,
+            val_range=_parse_range(val_range),
         )
     except GateError as e:
         progress.done()
         report = e.report
         if report is not None and not quiet:
-            echo(format_report(report))
+            echo(format_report(report, warnings=False))
+            if report.warnings:
+                click.echo(format_warnings(report), err=True)
         raise
     finally:
         progress.done()
@@ -328,7 +346,9 @@ def optimize_cmd(input_path: str, output_path: str, passes: str, input_shape: tu
             else:
                 report.write_json(json_path)
     if not quiet:
-        echo(format_report(report))
+        echo(format_report(report, warnings=False))
+        if report.warnings:  # on stderr: stdout carries the table (or the JSON), warnings are for a person
+            click.echo(format_warnings(report), err=True)
         echo(f"wrote {output_path}")
 
 

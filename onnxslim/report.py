@@ -118,7 +118,7 @@ def _ratio(b: float, a: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
 
-def format_report(r: Report, totals: bool = True) -> str:
+def format_report(r: Report, totals: bool = True, warnings: bool = True) -> str:
     """Before/after table, per-pass times, validation numbers."""
     b, a = r.before, r.after
     rows = [["", "before", "after", "ratio"]]
@@ -199,13 +199,18 @@ def format_report(r: Report, totals: bool = True) -> str:
             lines += [""] + [str(s) for s in section["summary"]]
     for n in r.notes:
         lines.append(f"note: {n}")
-    for w in r.warnings:
+    for w in r.warnings if warnings else ():
         lines.append(f"warning: {w}")
     if r.refused:
         lines.append(f"result: REFUSED, nothing written: {r.refused}")
     if totals:
         lines.append(f"total time: {r.seconds:.2f} s")
     return "\n".join(lines)
+
+
+def format_warnings(r: Report) -> str:
+    """The report's warnings, one line each, for stderr."""
+    return "\n".join(f"warning: {w}" for w in dict.fromkeys(r.warnings))
 
 
 class Progress:

@@ -153,10 +153,13 @@ def index_bounds(model: ModelProto) -> dict[str, int]:
     return bounds
 
 
-def random_array(dtype: np.dtype, shape: list[int], rng: np.random.Generator, high: int = 4) -> np.ndarray:
+def random_array(dtype: np.dtype, shape: list[int], rng: np.random.Generator, high: int = 4,
+                 float_range: tuple[float, float] | None = None) -> np.ndarray:
     if dtype == np.bool_:
         return rng.integers(0, 2, size=shape).astype(np.bool_)
     if np.issubdtype(dtype, np.floating):
+        if float_range is not None:  # e.g. images in [0, 1]: what the model sees in use
+            return rng.uniform(float_range[0], float_range[1], size=shape).astype(dtype)
         return rng.standard_normal(size=shape).astype(dtype)
     if np.issubdtype(dtype, np.integer):
         # Small non-negative values: safe as indices, ids and counts in most graphs (``high`` when an
@@ -170,7 +173,7 @@ def random_array(dtype: np.dtype, shape: list[int], rng: np.random.Generator, hi
 
 
 def make_inputs(model: ModelProto, input_shapes: dict[str, list[int]] | None = None, *, seed: int = 0,
-                batch: int | None = None) -> dict[str, np.ndarray]:
+                batch: int | None = None, float_range: tuple[float, float] | None = None) -> dict[str, np.ndarray]:
     """Deterministic random inputs following the model's input specs."""
     rng = np.random.default_rng(seed)
     symbols: dict[str, int] = {}
@@ -186,7 +189,7 @@ def make_inputs(model: ModelProto, input_shapes: dict[str, list[int]] | None = N
             # A declared shape of billions of elements (hostile or mistaken) must not take the machine down.
             raise NotValidatable(f"input '{name}' has shape {shape}, too large to build random data for; "
                                  "give --inputs or --input-shape")
-        feeds[name] = random_array(dtype, shape, rng, high=min(4, bounds.get(name, 4)))
+        feeds[name] = random_array(dtype, shape, rng, high=min(4, bounds.get(name, 4)), float_range=float_range)
         if name in bounds and bounds[name] == 2 and "mask" in name.lower() and feeds[name].ndim == 2:
             feeds[name][:, 0] = 1  # a mask with no position set would be an empty sequence
     return feeds

@@ -55,6 +55,9 @@ def _bad_inputs(d: Path) -> list[tuple[list[str], str]]:
         (["--passes", "lossless,prune", "--prune-target", "flops=2"], "--prune-target 'flops=2'"),
         (["--fold-size-limit", "lots"], "--fold-size-limit 'lots'"),
         (["--val-shape", "input:0,3"], "--val-shape 'input:0,3': dimensions must be positive"),
+        (["--val-range", "1,0"], "--val-range '1,0': LOW must be below HIGH"),
+        (["--val-shape", "input:2,3,20,20"], "--val-shape input: [2, 3, 20, 20] conflicts with the model's fixed"),
+        (["--val-range", "a"], "--val-range 'a': expected LOW,HIGH"),
         (["--plugin", d / "nope.py"], "--plugin"),
     ]
 
@@ -107,6 +110,12 @@ def test_validation_says_what_it_ran_on(tmp_path: Path) -> None:
     assert data["source"] == "random" and data["samples"] == 3
     assert data["inputs"][0]["shape"] == [3, 3, 16, 16] and data["inputs"][0]["min"] < 0 < data["inputs"][0]["max"]
     assert "validation inputs: random: input [3, 3, 16, 16] float32 in [" in r.stdout
+    r = cli(CNN, tmp_path / "o.onnx", "--val-range", "0,1", "--val-shape", "input:2,3,16,16", "--json",
+            tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    data = strict_loads((tmp_path / "r.json").read_text())["validation"]["data"]["inputs"][0]
+    assert data["shape"] == [2, 3, 16, 16] and 0 <= data["min"] < data["max"] <= 1
+    assert strict_loads((tmp_path / "r.json").read_text())["after"]["io"][0]["shape"] == ["N", 3, 16, 16]
 
 
 def test_degenerate_outputs_warn(tmp_path: Path) -> None:
@@ -120,7 +129,8 @@ def test_degenerate_outputs_warn(tmp_path: Path) -> None:
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), m)
     r = cli(m, tmp_path / "o.onnx")
     assert r.returncode == 0, r.stderr
-    assert "output 'out' of the original is all zero on the validation inputs" in r.stdout
+    assert "warning: output 'out' of the original is all zero on the validation inputs" in r.stderr
+    assert "warning:" not in r.stdout  # stdout is the table
 
 
 def test_refused_gate_still_shows_the_candidate(tmp_path: Path) -> None:
@@ -223,3 +233,23 @@ def test_validate_uses_the_shape_the_optimized_model_fixed(tmp_path: Path) -> No
     r = cli("validate", CNN, fixed, "--json", tmp_path / "v.json")
     assert r.returncode == 0, r.stderr
     assert strict_loads((tmp_path / "v.json").read_text())["samples"] == 2
+
+
+def test_sensitivity_counts_macs_at_the_data_size_on_dynamic_models(tmp_path: Path) -> None:
+    """MACs per sample of a model with dynamic H/W are those of the calibration data's size."""
+    m = onnx.load(DIGITS)
+    for d, name in zip(m.graph.input[0].type.tensor_type.shape.dim[2:], ("H", "W")):
+        d.ClearField("dim_value")
+        d.dim_param = name
+    dyn = tmp_path / "dyn.onnx"
+    onnx.save(m, dyn)
+    res = {}
+    for name, path in (("static", DIGITS), ("dynamic", dyn)):
+        r = cli("sensitivity", path, "--calib", MODELS / "digits_calib.npz", "--ratios", "0.5", "--no-refit",
+                "--calib-size", "32", "--json", tmp_path / f"{name}.json")
+        assert r.returncode == 0, r.stderr
+        res[name] = strict_loads((tmp_path / f"{name}.json").read_text())
+        assert "(channels kept after rounding in parentheses)" in r.stdout
+    assert res["dynamic"]["macs"] == res["static"]["macs"] > 1_000_000
+    r = cli("sensitivity", DIGITS, "--calib", "random", "--ratios", "0.5", "--no-refit", "--calib-size", "16")
+    assert r.returncode == 0 and "random calibration data" in r.stderr

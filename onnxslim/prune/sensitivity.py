@@ -153,6 +153,7 @@ def run_sensitivity(model: ModelProto, calib_spec: str, *, settings: Any, import
     from onnxslim.calibration import load_calibration
 
     calib = load_calibration(calib_spec, model, settings=settings, input_shapes=input_shapes)
+    model = with_data_dims(model, calib)  # MACs per sample need the spatial size the data has
     importance = importance or ("recon" if refit else "l1")
     an = ch.analyze(ch.traced_graph(model))
     imp = ch.importance(an, "l2" if importance == "l2" else "l1")
@@ -165,7 +166,31 @@ def run_sensitivity(model: ModelProto, calib_spec: str, *, settings: Any, import
                   min_channels=min_channels, refit=refit, select=select, progress=progress)
     res["calibration"] = calib.source
     res["warnings"] = list(calib.warnings)
+    if not calib.measured:
+        res["warnings"].append("random calibration data: the drift is measured on noise, not on what the model "
+                               "sees in use; give real samples for a table to act on")
     return res
+
+
+def with_data_dims(model: ModelProto, calib: CalibrationData) -> ModelProto:
+    """A copy of ``model`` whose dynamic input dims past the batch are the calibration data's.
+
+    Shape inference then knows every activation's size, so MACs per sample count the real spatial
+    size (a dynamic-size detector otherwise counts 1x1 feature maps: 130x too few MACs). Only the
+    analysis sees the copy; the prune pass keeps the model's interface."""
+    out = ModelProto()
+    out.CopyFrom(model)
+    for vi in out.graph.input:
+        arr = calib.inputs.get(vi.name)
+        if arr is None or not vi.type.HasField("tensor_type"):
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) != arr.ndim:
+            continue
+        for i, d in enumerate(dims):
+            if i > 0 and not d.HasField("dim_value"):
+                d.dim_value = int(arr.shape[i])
+    return out
 
 
 def format_sensitivity(res: dict[str, Any]) -> str:
@@ -180,7 +205,7 @@ def format_sensitivity(res: dict[str, Any]) -> str:
             skipped.append(f"  {g['group']} ({', '.join(g['layers'][:3])}): {g['skipped'] or 'nothing to prune'}")
             continue
         rows.append([g["group"], str(g["channels"]), f"{g['params_share']:.1%}", f"{g['macs_share']:.1%}"]
-                    + [f"{p['cosine']:.4f}" for p in g["points"]])
+                    + [f"{p['cosine']:.4f} ({p['kept']})" for p in g["points"]])
         if res.get("accuracy") is not None:
             acc_rows.append([g["group"]] + [f"{p['accuracy']:.2f}" for p in g["points"]])
     refit = " (after refitting its readers)" if res.get("refit") else ""
@@ -188,7 +213,8 @@ def format_sensitivity(res: dict[str, Any]) -> str:
              f"importance {res['importance']}, round-to {res['round_to']}, "
              + ("readers refit" if res.get("refit") else "no refit"),
              f"parameters {res['params']:,}, MACs/sample {res['macs']:,}", "",
-             f"output cosine to the original when only that group is pruned at ratio r{refit}:"]
+             f"output cosine to the original when only that group is pruned at ratio r{refit} "
+             "(channels kept after rounding in parentheses):"]
     lines.append(_table(rows))
     if res.get("accuracy") is not None:
         lines += ["", f"accuracy (%) when only that group is pruned (original {res['accuracy']:.2f}%):",
