@@ -252,7 +252,7 @@ def preprocess(model: ModelProto) -> tuple[ModelProto, str]:
                 result = onnx.load(str(out))
                 if errors:
                     # quant_pre_process logs (not raises) an ORT optimizer failure and carries on without it.
-                    failures.append(f"ORT optimization failed ({errors[0]})")
+                    failures.append(f"onnxruntime's graph optimization failed ({_plain(errors[0])})")
                     what = what.replace("ORT optimization + ", "")
                 note = f"pre-processing: {what}"
                 if failures:
@@ -261,8 +261,20 @@ def preprocess(model: ModelProto) -> tuple[ModelProto, str]:
             except ImportError as e:
                 failures.append(f"symbolic shape inference unavailable ({str(e).splitlines()[0]})")
             except Exception as e:  # noqa: BLE001 - third-party shape inference crashes in many ways
-                failures.append(f"{what.split(' +')[0]} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-    return model, f"pre-processing skipped: {'; '.join(failures)}"
+                failures.append(f"onnxruntime's {what.split(' +')[0]} failed ({_plain(str(e)) or type(e).__name__})")
+    return model, (f"pre-processing skipped, the model is quantized as it is (information only: "
+                   f"{'; '.join(failures)})")
+
+
+def _plain(msg: str) -> str:
+    """A third-party message fit for the user: first line, no temporary paths, no advice about options of
+    the tool that raised it (they are not onnxslim's), bounded length."""
+    import re
+
+    first = next((ln.strip() for ln in msg.splitlines() if ln.strip()), "")
+    first = re.sub(r"(?:[A-Za-z]:)?(?:/[^\s,;:()'\"]+)+", "<temporary file>", first)
+    first = re.split(r"\b(?:please |try |use |rerun |re-run |consider )", first, flags=re.I)[0].rstrip(" ,.;:")
+    return first[:160]
 
 
 def depthwise_convs(model: ModelProto) -> list[str]:
