@@ -106,6 +106,12 @@ def big300(tmp_path_factory) -> dict[str, Path]:
     return {"external": ext, "embedded": emb}
 
 
+# The floor imports only onnx; onnxslim also imports onnxruntime and onnx-graphsurgeon (about 0.7 s, more on a
+# busy machine). On a 300 MB model with external data the floor itself takes under a second, so the time
+# bounds are on the work that scales with the model: 2x / 3x the floor plus that fixed start-up.
+STARTUP_S = 1.0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["external", "embedded"])
 def test_300mb_against_the_floor(big300: dict[str, Path], kind: str, tmp_path: Path) -> None:
@@ -117,8 +123,8 @@ def test_300mb_against_the_floor(big300: dict[str, Path], kind: str, tmp_path: P
     _check_output(model, tmp_path / "validate", external=kind == "external")
     assert r["validate_mb"] <= 1.5 * r["floor_mb"], summary
     assert r["no_validate_mb"] <= 1.5 * r["floor_mb"], summary
-    assert r["no_validate_s"] <= 2.0 * r["floor_s"], summary
-    assert r["validate_s"] <= 3.0 * r["floor_s"], summary
+    assert r["no_validate_s"] <= 2.0 * r["floor_s"] + STARTUP_S, summary
+    assert r["validate_s"] <= 3.0 * r["floor_s"] + STARTUP_S, summary
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +155,8 @@ def test_conv_bn_300mb_every_weight_rewritten(conv300: dict[str, Path], kind: st
     assert not any(n.op_type in ("BatchNormalization", "Identity", "Dropout") for n in out.graph.node)
     assert r["validate_mb"] <= 1.5 * r["floor_mb"], summary
     assert r["no_validate_mb"] <= 1.5 * r["floor_mb"], summary
-    assert r["no_validate_s"] <= 2.0 * r["floor_s"], summary
-    assert r["validate_s"] <= 3.0 * r["floor_s"], summary
+    assert r["no_validate_s"] <= 2.0 * r["floor_s"] + STARTUP_S, summary
+    assert r["validate_s"] <= 3.0 * r["floor_s"] + STARTUP_S, summary
 
 
 @pytest.mark.parametrize("external", [False, True])
