@@ -133,6 +133,7 @@ def _run(key: str, run: str, tmp: Path) -> None:
         lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
         assert lines and len(lines[-1]) > 10, f"no reason given: {where}"
         assert not out.exists(), f"refused but wrote the model: {where}"
+        print(f"{key} {run}: refused: {lines[-1]}")  # shown with -rP: which runs refuse, and why
         return
     assert out.exists(), where
     onnx.checker.check_model(str(out))
@@ -149,6 +150,7 @@ def _run(key: str, run: str, tmp: Path) -> None:
         else:
             cos = _cosine(a, b)
             assert cos >= LOSSY_MIN_COSINE, f"{key} {run}: output {name} cosine {cos:.4f} on unseen data"
+            print(f"{key} {run}: written, output {name} cosine {cos:.4f} on unseen data")
 
 
 @pytest.mark.parametrize("key", _cases())
