@@ -595,5 +595,13 @@ _SCORE_PRODUCERS = {"Softmax", "LogSoftmax", "Sigmoid", "Gemm", "MatMul", "Add"}
 def score_outputs(model: ModelProto) -> set[str]:
     """Outputs that are class scores: made by Softmax/LogSoftmax/Sigmoid or straight by a classifier
     layer (Gemm, MatMul(+Add)), as opposed to embeddings or features (Tanh, normalization, pooling)."""
-    made_by = {o: n.op_type for n in model.graph.node for o in n.output}
-    return {o.name for o in model.graph.output if made_by.get(o.name) in _SCORE_PRODUCERS}
+    made_by = {o: n for n in model.graph.node for o in n.output}
+
+    def producer_op(name: str) -> str | None:
+        seen = 0
+        n = made_by.get(name)
+        while n is not None and n.op_type in ("Identity", "Cast", "Flatten", "Reshape", "Squeeze") and seen < 8:
+            n, seen = made_by.get(n.input[0]), seen + 1  # PP-OCR's cls ends Softmax -> Identity
+        return None if n is None else n.op_type
+
+    return {o.name for o in model.graph.output if producer_op(o.name) in _SCORE_PRODUCERS}
