@@ -225,11 +225,29 @@ class Progress:
         self.interval = float(os.environ.get("ONNXSLIM_PROGRESS_INTERVAL", "30")) if interval is None else interval
         self.last_plain = self.start
         self.shown = False
+        self._counted: dict[str, tuple[float, int]] = {}  # "prune: refit" -> (first seen, first count)
+
+    def eta(self, msg: str, now: float) -> str:
+        """' (ETA 1m20s)' for messages counting ``k/n`` (refit layers, sensitivity groups, distill steps):
+        the rate since this kind of message first appeared, applied to what is left."""
+        import re
+
+        m = re.search(r"(\d+)/(\d+)", msg)
+        if not m:
+            return ""
+        k, n = int(m.group(1)), int(m.group(2))
+        key = msg[:m.start()]
+        t0, k0 = self._counted.setdefault(key, (now, k))
+        if k <= k0 or n <= k or now - t0 < 1.0:
+            return ""
+        left = (now - t0) / (k - k0) * (n - k)
+        return f" (ETA {int(left // 60)}m{int(left % 60):02d}s)" if left >= 60 else f" (ETA {left:.0f}s)"
 
     def __call__(self, msg: str) -> None:
         if not self.enabled:
             return
         now = time.perf_counter()
+        msg = msg + self.eta(msg, now)
         elapsed = now - self.start
         if not self.tty:
             if now - self.last_plain >= self.interval:

@@ -253,3 +253,14 @@ def test_sensitivity_counts_macs_at_the_data_size_on_dynamic_models(tmp_path: Pa
     assert res["dynamic"]["macs"] == res["static"]["macs"] > 1_000_000
     r = cli("sensitivity", DIGITS, "--calib", "random", "--ratios", "0.5", "--no-refit", "--calib-size", "16")
     assert r.returncode == 0 and "random calibration data" in r.stderr
+
+
+def test_progress_estimates_the_time_left_on_counted_work() -> None:
+    from onnxslim.report import Progress
+
+    p = Progress(enabled=True, interval=1e9)
+    assert p.eta("prune: refit 1/10 layers", 0.0) == ""  # first sighting: no rate yet
+    assert p.eta("prune: refit 3/10 layers", 4.0) == " (ETA 14s)"  # 2 layers in 4 s, 7 left
+    assert p.eta("distill: step 50/300 loss 0.1", 10.0) == ""
+    assert p.eta("distill: step 100/300 loss 0.09", 110.0) == " (ETA 6m40s)"
+    assert p.eta("fold (round 2)", 5.0) == ""
