@@ -317,9 +317,12 @@ def load_inputs(path: str | Path, model: ModelProto) -> tuple[dict[str, np.ndarr
 
 def describe_feeds(feeds: dict[str, np.ndarray], source: str) -> dict[str, Any]:
     """What validation ran on, for the report: source, samples, and per input shape, dtype and range."""
-    n = next((int(v.shape[0]) for v in feeds.values() if v.ndim), 1)
+    n = next((int(v.shape[0]) for v in feeds.values() if isinstance(v, np.ndarray) and v.ndim), 1)
     inputs = []
     for k, v in feeds.items():
+        if not isinstance(v, np.ndarray):
+            inputs.append({"name": k, "shape": None, "dtype": type(v).__name__})
+            continue
         row: dict[str, Any] = {"name": k, "shape": list(v.shape), "dtype": str(v.dtype)}
         if v.size and v.dtype.kind in "biuf":
             row["min"], row["max"] = float(np.nanmin(v)), float(np.nanmax(v))
@@ -331,7 +334,7 @@ def degenerate_outputs(outputs: list[tuple[str, np.ndarray]]) -> list[str]:
     """Outputs of the original that cannot tell a good model from a bad one on these inputs."""
     bad = []
     for name, a in outputs:
-        if a.dtype.kind not in "fc" or a.size == 0:
+        if not isinstance(a, np.ndarray) or a.dtype.kind not in "fc" or a.size == 0:  # sequences, maps
             continue
         if np.isnan(a).any():
             bad.append(f"output '{name}' of the original has NaN values on the validation inputs")
