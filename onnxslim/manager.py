@@ -188,11 +188,6 @@ class Context:
     _calibration: Any = None
     _holdout: Any = None
 
-    def option(self, key: str, default: Any = None) -> Any:
-        """A run-level setting (``RunOptions``) by name; ``default`` when it is unset (None)."""
-        v = getattr(self.run, key)
-        return default if v is None else v
-
     @staticmethod
     def array(tensor: Any) -> np.ndarray:
         """The values of an initializer (gs.Constant or TensorProto), loading a stub from disk if needed."""

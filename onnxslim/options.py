@@ -99,16 +99,6 @@ def build(cls: type, values: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-def describe(cls: type) -> list[dict[str, Any]]:
-    """Rows for help texts and docs: flag, type, default, range, help."""
-    rows = []
-    for f in fields_of(cls):
-        rows.append({"name": f.name, "flag": cli_flag(f), "type": field_types(cls)[f.name].__name__,
-                     "default": f.default, "choices": f.metadata.get("choices"), "min": f.metadata.get("min"),
-                     "max": f.metadata.get("max"), "help": f.metadata.get("help", "")})
-    return rows
-
-
 @dataclass(frozen=True)
 class RunOptions:
     """Settings every lossy pass shares: calibration data, gates, latency measurement."""
