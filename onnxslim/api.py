@@ -331,6 +331,8 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
                                            latency_feeds(result if static_batch(result) else m.proto,
                                                          ctx.input_shapes, feeds),
                                            custom_op_library=custom_op_library)
+            if report.stages and report.latency.get("batch1", {}).get("ratio"):
+                report.stages[-1]["latency"] = report.latency["batch1"]  # the final model: the same figure
         report.warnings.extend(ctx.warnings)
         size = staged.size() if staged is not None else None
         report.after = model_summary(result, size)  # shown also when the gate refuses the candidate

@@ -198,10 +198,8 @@ def _summary(r: dict[str, Any]) -> list[str]:
                                    f"({_pct(r[k]['before'], r[k]['after'])})" for k in ("params", "macs") if k in r)]
     if "size" in r:
         lines.append(f"prune: size {r['size']['before']:,} -> {r['size']['after']:,} bytes")
-    for key, val in (r.get("latency") or {}).items():
-        if isinstance(val, dict) and "before_ms" in val:
-            lines.append(f"prune: latency {key} {val['before_ms']:.3f} -> {val['after_ms']:.3f} ms "
-                         f"({val['ratio']:.2f}x)")
+    # The pass's own latency stays in the JSON (details.latency); the printed report shows one latency per
+    # batch size, the final table's, so that two measurements of the same model never disagree on screen.
     if r.get("seconds"):
         lines.append("prune: seconds " + ", ".join(f"{k} {v:.2f}" for k, v in r["seconds"].items())
                      + " (CPU " + ", ".join(f"{k} {v:.2f}" for k, v in r.get("cpu_seconds", {}).items()) + ")")
