@@ -12,10 +12,8 @@ one line and exit 1 - never crash, never fail on its own shapes.
 from __future__ import annotations
 
 import json
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim.runtime import make_session
+from test_calibration import png_bytes  # the one tiny PNG encoder of the tests
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,18 +58,6 @@ def fixed_batch_ocr_like(path: Path, batch: int | str = 1) -> Path:
     onnx.checker.check_model(m)
     onnx.save(m, str(path))
     return path
-
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    """A minimal PNG encoder (8-bit RGB, no filter): test images need no imaging library."""
-    h, w, _ = rgb.shape
-    raw = b"".join(b"\x00" + rgb[i].tobytes() for i in range(h))
-
-    def chunk(t: bytes, d: bytes) -> bytes:
-        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
 def image_folder(folder: Path, n: int, size: tuple[int, int] = (48, 192)) -> Path:
