@@ -24,7 +24,7 @@ from onnxslim import weights
 from onnxslim.model import (PROTO_LIMIT, Model, StagedModel, check_model, check_output_path, load_model,
                             session_source, stage_model)
 from onnxslim.report import Report, model_summary
-from onnxslim.options import DEFAULT_MAX_ACC_DROP, DEFAULT_MIN_COSINE
+from onnxslim.options import DEFAULT_MAX_ACC_DROP, DEFAULT_MIN_CENTRED_COSINE, DEFAULT_MIN_COSINE
 from onnxslim.runtime import latency_table
 from onnxslim.validate import (DEFAULT_ATOL, DEFAULT_RTOL, NotValidatable, ValidationResult, compare_models,
                                describe_feeds, latency_feeds, load_inputs, make_inputs, score_outputs,
@@ -104,7 +104,7 @@ def _validation_data(m: Model, ctx: Context, inputs: str | os.PathLike | dict | 
 def _compare(original: Model, optimized: ModelProto | Path, feeds: dict[str, np.ndarray], labels, *,
              lossy: bool, atol: float, rtol: float, min_cosine: float, max_acc_drop: float,
              custom_op_library: str | None, min_top1: float | None = None,
-             fixed_batch: int | None = None) -> ValidationResult:
+             fixed_batch: int | None = None, min_centred_cosine: float = DEFAULT_MIN_CENTRED_COSINE) -> ValidationResult:
     # The original runs from its file when it has one: its proto may hold stubs (weights left on disk).
     orig_src: ModelProto | Path = original.path if original.path is not None else original.proto
     too_big = _oversized_tensor(original.proto)
@@ -122,7 +122,7 @@ def _compare(original: Model, optimized: ModelProto | Path, feeds: dict[str, np.
     return compare_models(orig_src, optimized, feeds, atol=atol, rtol=rtol, labels=labels, lossy=lossy,
                           min_cosine=min_cosine, max_acc_drop=max_acc_drop, chunk=chunk,
                           custom_op_library=custom_op_library, min_top1=min_top1,
-                          score_outputs=score_outputs(original.proto))
+                          score_outputs=score_outputs(original.proto), min_centred_cosine=min_centred_cosine)
 
 
 # A tensor the model itself would compute at this size (e.g. ConstantOfShape to billions of elements)
@@ -278,6 +278,10 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
         report.passes = [r.to_dict() for r in pm.records]
         report.warnings.extend(pm.warnings)
     report.extra.update(pm.sections())
+    lossy_records = [r for r in pm.records if r.name in {p.name for p in pm.passes if not p.lossless}]
+    for stage, rec in zip(report.stages[1:], lossy_records):  # stage 0 is the original
+        if rec.dropped is not None:
+            stage["dropped"] = rec.dropped
     dropped = _keep_input_value_info(result, m.proto)
     if dropped:
         report.notes.append(f"{dropped} value_info entr{'y' if dropped == 1 else 'ies'} the passes inferred are not "
@@ -307,7 +311,8 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
             validation, source = _compare_any(m, candidate, feeds, labels, source, lossy=lossy, atol=atol,
                                               rtol=rtol, min_cosine=min_cosine, max_acc_drop=max_acc_drop,
                                               custom_op_library=custom_op_library, min_top1=run_options.min_top1,
-                                              fixed_batch=static_batch(result))
+                                              fixed_batch=static_batch(result),
+                                              min_centred_cosine=run_options.min_centred_cosine)
             if validation is not None:
                 report.validation = validation.to_dict()
                 report.validation["inputs"] = source
@@ -331,8 +336,9 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
                                            latency_feeds(result if static_batch(result) else m.proto,
                                                          ctx.input_shapes, feeds),
                                            custom_op_library=custom_op_library)
-            if report.stages and report.latency.get("batch1", {}).get("ratio"):
-                report.stages[-1]["latency"] = report.latency["batch1"]  # the final model: the same figure
+            kept = [st for st in report.stages if "dropped" not in st]
+            if len(kept) > 1 and report.latency.get("batch1", {}).get("ratio"):
+                kept[-1]["latency"] = report.latency["batch1"]  # the final model: the same figure
         report.warnings.extend(ctx.warnings)
         size = staged.size() if staged is not None else None
         report.after = model_summary(result, size)  # shown also when the gate refuses the candidate

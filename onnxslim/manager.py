@@ -236,13 +236,17 @@ class PassRecord:
     before: dict[str, int]
     after: dict[str, int]
     details: dict[str, Any] = field(default_factory=dict)
+    dropped: str | None = None  # a lossy stage whose result failed its gate and was undone: why
 
     def to_dict(self) -> dict[str, Any]:
         # details are not repeated here: they are the pass's report section (Report.extra)
-        return {
+        d = {
             "name": self.name, "round": self.round, "seconds": round(self.seconds, 4), "changed": self.changed,
             "stats": self.stats, "notes": self.notes, "before": self.before, "after": self.after,
         }
+        if self.dropped is not None:
+            d["dropped"] = self.dropped
+        return d
 
 
 def graph_stats(graph: gs.Graph) -> dict[str, int]:
@@ -344,13 +348,20 @@ class PassManager:
     def run(self, model: ModelProto, ctx: Context) -> ModelProto:
         ws = _Workspace(model)
         done: list[str] = []
+        lossy_left = sum(not p.lossless for p in self.passes)
+        kept_lossy = 0  # lossy stages that changed the model and were not dropped
         for group in self._groups():
             rounds = self.max_rounds if group[0].lossless else 1
             for rnd in range(1, rounds + 1):
                 any_changed = False
                 for p in group:
                     ctx.progress(f"{p.name} (round {rnd})" if rounds > 1 else p.name)
-                    rec = self._run_one(p, ws, ctx, rnd, done)
+                    if p.lossless:
+                        rec = self._run_one(p, ws, ctx, rnd, done)
+                    else:
+                        lossy_left -= 1
+                        rec = self._run_lossy(p, ws, ctx, done, may_drop=bool(lossy_left or kept_lossy))
+                        kept_lossy += rec.changed and rec.dropped is None
                     done.append(p.name)
                     any_changed |= rec.changed
                 if not any_changed:
@@ -361,6 +372,26 @@ class PassManager:
                         f"passes {','.join(p.name for p in group)} still changed the model in round {rounds} "
                         f"(the round limit); running onnxslim again on the output may shrink it further")
         return ws.proto()
+
+    def _run_lossy(self, p: Pass, ws: _Workspace, ctx: Context, done: list[str], *, may_drop: bool) -> PassRecord:
+        """One lossy stage. When its result fails the stage's own gate (``ctx.gate_failures``) and another
+        lossy stage of the pipeline can still give a result, the stage is undone and the pipeline goes on:
+        ``prune,quantize-static`` on a CPU where INT8 is slower writes the pruned model and says that
+        quantization was dropped and why (the same reason a lone ``quantize-static`` is refused with)."""
+        before_failures = len(ctx.gate_failures)
+        snapshot = None
+        if may_drop:
+            snapshot = ModelProto()
+            snapshot.CopyFrom(ws.proto())  # a pass may edit the proto it is given in place
+        rec = self._run_one(p, ws, ctx, 1, done)
+        failures = ctx.gate_failures[before_failures:]
+        if failures and snapshot is not None:
+            del ctx.gate_failures[before_failures:]
+            ws.set_proto(snapshot)
+            rec.dropped = "; ".join(failures)
+            rec.after = ws.stats()
+            self.warnings.append(f"stage '{p.name}' dropped, the pipeline goes on without it: {rec.dropped}")
+        return rec
 
     def _run_one(self, p: Pass, ws: _Workspace, ctx: Context, rnd: int, done: list[str]) -> PassRecord:
         before = ws.stats()

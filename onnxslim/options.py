@@ -19,6 +19,7 @@ from typing import Any
 from onnxslim.errors import InputError
 
 DEFAULT_MIN_COSINE = 0.99
+DEFAULT_MIN_CENTRED_COSINE = 0.8
 DEFAULT_MAX_ACC_DROP = 1.0
 
 
@@ -116,6 +117,9 @@ class RunOptions:
     calib_random_range: str | None = option(None, "'random' calibration: LOW,HIGH (default 0,1).", cli="--random-range")
     min_cosine: float = option(DEFAULT_MIN_COSINE, "Lossy gate: minimum cosine of every output with the original's.",
                                min=-1.0, max=1.0)
+    min_centred_cosine: float = option(DEFAULT_MIN_CENTRED_COSINE, "Lossy gate: minimum cosine with the original's "
+                                       "outputs after subtracting its mean output over the samples (>= 4 samples).",
+                                       min=-1.0, max=1.0)
     max_acc_drop: float = option(DEFAULT_MAX_ACC_DROP, "Lossy gate with labels: maximum accuracy drop in points "
                                                        "(negative: the result must be more accurate).",
                                  min=-100.0, max=100.0)

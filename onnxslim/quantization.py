@@ -359,6 +359,7 @@ class Gate:
     min_top1: float | None = None
     min_speedup: float | None = 1.0  # None: no speed gate (--objective size)
     objective: str = "speed"
+    min_centred_cosine: float = 0.8
 
 
 @dataclass
@@ -407,7 +408,8 @@ def judge(reference: ModelProto, candidate: ModelProto, feeds: dict[str, np.ndar
     # The same judgement as the run's final validation (api.py), so the search never picks what it refuses.
     res = compare_models(reference, candidate, feeds, labels=labels, lossy=True, min_cosine=gate.min_cosine,
                          max_acc_drop=gate.max_acc_drop, chunk=chunk, custom_op_library=custom_op_library,
-                         min_top1=gate.min_top1, score_outputs=score_outputs(reference))
+                         min_top1=gate.min_top1, score_outputs=score_outputs(reference),
+                         min_centred_cosine=gate.min_centred_cosine)
     cos = min((o.cosine for o in res.outputs), default=None)
     tops = [o.top1_agreement for o in res.outputs if o.top1_agreement is not None]
     top1 = min(tops) if tops else None
@@ -905,7 +907,8 @@ def quant_op_counts(model: ModelProto) -> dict[str, int]:
 def gate_from_options(run: Any) -> Gate:
     """The gate from the run-level options (``onnxslim.options.RunOptions``; defaults live there)."""
     return Gate(min_cosine=run.min_cosine, max_acc_drop=run.max_acc_drop, min_top1=run.min_top1,
-                min_speedup=None if run.objective == "size" else run.min_speedup, objective=run.objective)
+                min_speedup=None if run.objective == "size" else run.min_speedup, objective=run.objective,
+                min_centred_cosine=run.min_centred_cosine)
 
 
 def _prepare(model: ModelProto, cfg: QuantConfig, kind: str, notes: list[str]) -> tuple[ModelProto, QuantConfig]:

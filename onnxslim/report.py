@@ -167,7 +167,7 @@ def format_report(r: Report, totals: bool = True, warnings: bool = True) -> str:
         for s in r.stages:
             acc = s.get("accuracy")
             lat = (s.get("latency") or {}).get("ratio")
-            srow.append([s["name"], human_bytes(s.get("size", 0)), f"{s.get('params', 0):,}",
+            srow.append([s["name"] + (" (dropped)" if "dropped" in s else ""), human_bytes(s.get("size", 0)), f"{s.get('params', 0):,}",
                          f"{s['cosine']:.4f}" if s.get("cosine") is not None else "-",
                          f"{acc:.2f}%" if acc is not None else "-",
                          f"{lat:.2f}x" if lat is not None else "-"])
@@ -187,10 +187,12 @@ def format_report(r: Report, totals: bool = True, warnings: bool = True) -> str:
                                   + (f" in [{i['min']:.3g}, {i['max']:.3g}]" if "min" in i else "")
                                   for i in data["inputs"])
                 lines.append(f"validation inputs: {data['source']}: {shown}")
-            vrow = [["output", "max abs", "max rel", "cosine", "top-1 agree"]]
+            centred = v["mode"] == "lossy"  # what the lossy gate also judges; lossless checks tolerances
+            vrow = [["output", "max abs", "max rel", "cosine"] + (["centred cos"] if centred else []) + ["top-1 agree"]]
             for o in v["outputs"]:
-                vrow.append([o["name"], f"{o['max_abs']:.3g}", f"{o['max_rel']:.3g}", f"{o['cosine']:.6f}",
-                             f"{o['top1_agreement'] * 100:.1f}%" if o.get("top1_agreement") is not None else "-"])
+                cc = [f"{o['centred_cosine']:.4f}" if o.get("centred_cosine") is not None else "-"] if centred else []
+                vrow.append([o["name"], f"{o['max_abs']:.3g}", f"{o['max_rel']:.3g}", f"{o['cosine']:.6f}"] + cc +
+                            [f"{o['top1_agreement'] * 100:.1f}%" if o.get("top1_agreement") is not None else "-"])
             lines.append(_table(vrow))
             if v.get("accuracy_before") is not None:
                 lines.append(f"accuracy: {v['accuracy_before']:.2f}% -> {v['accuracy_after']:.2f}%")

@@ -238,3 +238,29 @@ def test_objective_size_gives_int8_even_when_slower(tmp_path, monkeypatch):
     _, report = optimize(CNN, out, passes="quantize-static", latency=False,
                          options={"calib": str(CALIB), "objective": "size"})
     assert out.exists() and quant_details(report)["quant_ops"].get("QuantizeLinear", 0) > 0
+
+
+def test_pipeline_drops_a_failing_stage_with_the_lone_pass_reason(tmp_path, monkeypatch):
+    # INT8 slower than float (scripted): alone, quantize-static is refused; after prune, the pipeline
+    # undoes the quantize stage, writes the pruned model and names the dropped stage with the same reason.
+    def slower(reference, candidate, feeds_by_batch, seconds=None, custom_op_library=None):
+        return {f"batch{b}": {"before_ms": 1.0, "after_ms": 1.2, "ratio": 1.2} for b in feeds_by_batch}
+
+    monkeypatch.setattr(q, "time_pair", slower)
+    with pytest.raises(GateError) as e:
+        optimize(CNN, tmp_path / "alone.onnx", passes="quantize-static", latency=False,
+                 options={"calib": str(CALIB)})
+    lone_reason = str(e.value)
+    out = tmp_path / "pq.onnx"
+    _, report = optimize(CNN, out, passes="prune,quantize-static", latency=False,
+                         options={"calib": str(CALIB), "prune_ratio": 0.3, "max_acc_drop": 5.0})
+    written = onnx.load(out)
+    ops = {n.op_type for n in written.graph.node}
+    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
+    params = lambda m: sum(int(np.prod(t.dims)) for t in m.graph.initializer)  # noqa: E731
+    assert params(written) < params(onnx.load(CNN))  # the prune stage survived
+    rec = next(p for p in report.passes if p["name"] == "quantize-static")
+    assert "1.20x" in rec["dropped"] and rec["dropped"].split(" (")[0] in lone_reason  # the same gate, same words
+    assert any("stage 'quantize-static' dropped" in w and "1.20x" in w for w in report.warnings)
+    assert [s.get("dropped") is not None for s in report.stages] == [False, False, True]
+    assert report.validation["passed"]

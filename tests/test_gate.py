@@ -1,0 +1,50 @@
+"""The lossy gate's centred cosine: a result that answers every input with roughly the average answer
+(large shared mean, input-dependent part lost) passes a raw cosine of 0.99 and must still be refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxslim.validate import centred_cosine, compare_models
+
+
+def affine(w: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["t"]), helper.make_node("Add", ["t", "b"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", w.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", w.shape[1]])],
+        [numpy_helper.from_array(w.astype(np.float32), "w"), numpy_helper.from_array(b.astype(np.float32), "b")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+RNG = np.random.default_rng(0)
+W = RNG.standard_normal((8, 6))
+B = 40.0 + RNG.standard_normal(6)  # a large mean every input shares
+FEEDS = {"x": RNG.standard_normal((32, 8)).astype(np.float32)}
+
+
+def test_mean_answer_passes_raw_cosine_but_not_the_centred_one():
+    unrelated = affine(RNG.standard_normal((8, 6)) * 0.2, B)  # input-dependent part replaced by noise
+    res = compare_models(affine(W, B), unrelated, FEEDS, lossy=True, min_cosine=0.99)
+    m = res.outputs[0]
+    assert m.cosine > 0.99 and m.centred_cosine is not None and m.centred_cosine < 0.5
+    assert not res.passed and "centred cosine" in res.reason and "--min-centred-cosine" in res.reason
+    assert compare_models(affine(W, B), unrelated, FEEDS, lossy=True, min_cosine=0.99,
+                          min_centred_cosine=-1.0).passed  # the option turns it off
+
+
+def test_a_close_result_passes_both():
+    close = affine(W + RNG.standard_normal(W.shape) * 0.01, B)
+    res = compare_models(affine(W, B), close, FEEDS, lossy=True)
+    assert res.passed and res.outputs[0].centred_cosine > 0.99
+
+
+def test_centred_cosine_needs_samples_and_spread():
+    a = RNG.standard_normal((3, 5))
+    assert centred_cosine(a, a) is None  # fewer than 4 samples: the mean is not estimated
+    same = np.repeat(RNG.standard_normal((1, 5)), 8, axis=0)
+    assert centred_cosine(same, same + 1e-3) is None  # the original does not vary with the input
+    x = RNG.standard_normal((8, 5))
+    assert abs(centred_cosine(x, x) - 1.0) < 1e-12 and centred_cosine(x, -x + 2 * x.mean(0)) < -0.99
