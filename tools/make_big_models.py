@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from onnxslim import weights
+
 F = TensorProto.FLOAT
 PROTO_LIMIT = 2**31 - 2**26  # below protobuf's 2 GiB message limit, as onnxslim.model
 
@@ -40,20 +42,7 @@ def _key(num: int) -> bytes:  # a length-delimited field
     return _varint((num << 3) | 2)
 
 
-def _partial(msg, keep) -> bytes:
-    """Serialization of only the fields of ``msg`` whose number passes ``keep`` (protobuf writes known
-    fields in number order, so pieces in order concatenate to the full serialization)."""
-    part = type(msg)()
-    for fd, value in msg.ListFields():
-        if keep(fd.number):
-            repeated = getattr(fd, "is_repeated", None)
-            if repeated if repeated is not None else fd.label == fd.LABEL_REPEATED:
-                getattr(part, fd.name).extend(value)
-            elif fd.message_type is not None:
-                getattr(part, fd.name).CopyFrom(value)
-            else:
-                setattr(part, fd.name, value)
-    return part.SerializeToString()
+_partial = weights._partial  # one serializer of message parts: the one onnxslim saves with
 
 
 class Weights:

@@ -416,44 +416,12 @@ MODELS = {"cnn_bn": cnn_bn, "transformer_block": transformer_block, "if_model": 
 
 
 def make_big(out_dir: Path, size_mb: int, width: int = 2048) -> Path:
-    """A MatMul stack of ~size_mb MB with external data, streamed so memory stays ~one layer."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    layer_bytes = width * width * 4
-    layers = max(1, int(size_mb * 2**20 // layer_bytes))
-    data_name = "big.onnx.data"
-    rng = np.random.default_rng(5)
-    inits, nodes = [], []
-    x = "input"
-    offset = 0
-    with open(out_dir / data_name, "wb") as f:
-        for i in range(layers):
-            w = (rng.standard_normal((width, width), dtype=np.float32) * (1.0 / np.sqrt(width))).astype(np.float32)
-            raw = w.tobytes()
-            f.write(raw)
-            t = TensorProto(name=f"w{i}", data_type=F, dims=[width, width], data_location=TensorProto.EXTERNAL)
-            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-                e = t.external_data.add()
-                e.key, e.value = k, v
-            offset += len(raw)
-            inits.append(t)
-            y = f"h{i}"
-            nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y]))
-            if i % 4 == 3:   # a no-op, a dead node and a foldable scale every few layers: work for the lossless passes
-                nodes.append(helper.make_node("Identity", [y], [f"id{i}"]))
-                nodes.append(helper.make_node("Relu", [y], [f"dead{i}"]))
-                nodes.append(helper.make_node("Sqrt", ["one"], [f"scale{i}"]))
-                nodes.append(helper.make_node("Mul", [f"id{i}", f"scale{i}"], [f"sc{i}"]))
-                y = f"sc{i}"
-            x = y
-    nodes.append(helper.make_node("Tanh", [x], ["output"]))
-    g = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("input", F, ["N", width])],
-                          [helper.make_tensor_value_info("output", F, ["N", width])],
-                          inits + [numpy_helper.from_array(np.array(1.0, np.float32), "one")])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], producer_name="onnxslim make_models --big")
-    m.ir_version = 8
-    path = out_dir / "big.onnx"
-    onnx.save(m, str(path))
-    return path
+    """A MatMul stack of ~size_mb MB with external data, streamed so memory stays ~one layer
+    (built by tools/make_big_models.py, which also makes the Conv+BatchNorm kind and embedded files)."""
+    sys.path.insert(0, str(TOOLS))
+    import make_big_models
+
+    return make_big_models.make_matmul(out_dir, size_mb, width=width)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
