@@ -246,7 +246,7 @@ def table(rows: list[Row]) -> str:
     return md_table(out)
 
 
-def split(model: Path, rounds: int) -> str:
+def split(model: Path, rounds: int, label: str = "") -> str:
     """Phases of one onnxslim run and of the floor, each the median over ``rounds`` fresh children."""
     with tempfile.TemporaryDirectory(prefix="onnxslim-split-") as tmp:
         def child(code: str) -> tuple[dict, float]:
@@ -261,7 +261,8 @@ def split(model: Path, rounds: int) -> str:
         slim = sorted((child(SPLIT_SLIM) for _ in range(rounds)), key=lambda x: x[1])[rounds // 2]
         floor = sorted((child(SPLIT_FLOOR) for _ in range(rounds)), key=lambda x: x[1])[rounds // 2]
     (s, s_wall), (f, f_wall) = slim, floor
-    lines = [f"{model.name} ({model.stat().st_size / 2**20:.1f} MB), median of {rounds} fresh processes "
+    label = label or model.name
+    lines = [f"{label} ({model.stat().st_size / 2**20:.1f} MB), median of {rounds} fresh processes "
              "(wall seconds; CPU seconds of all threads in brackets):", ""]
     cell = lambda x: f"{x['wall']:.3f} ({x['cpu']:.3f})"  # noqa: E731
     t = s["timing"]
@@ -300,13 +301,13 @@ def main(argv: list[str] | None = None) -> int:
 
     models = [(p.stem, p) for p in args.models] or default_models()
     if args.split:
-        path = Path(args.split)
+        path, label = Path(args.split), args.split
         if not path.is_file():
             path = next((p for n, p in models if args.split in (n, p.stem)), None)
             if path is None:
                 sys.exit(f"--split {args.split}: no such model")
         print(f"CPU: {cpu_line()}; load average {os.getloadavg()[0]:.1f}\n")
-        print(split(path, max(args.rounds, 3)))
+        print(split(path, max(args.rounds, 3), label))
         return 0
     models = [(n, p) for n, p in models if args.filter in n]
     if not models:
