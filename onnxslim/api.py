@@ -26,7 +26,8 @@ from onnxslim.model import (PROTO_LIMIT, Model, StagedModel, check_model, check_
 from onnxslim.report import Report, model_summary
 from onnxslim.options import DEFAULT_MAX_ACC_DROP, DEFAULT_MIN_CENTRED_COSINE, DEFAULT_MIN_COSINE
 from onnxslim.runtime import latency_table
-from onnxslim.validate import (DEFAULT_ATOL, DEFAULT_RTOL, NotValidatable, ValidationResult, compare_models,
+from onnxslim.validate import (DEFAULT_ATOL, DEFAULT_RTOL, NotValidatable, ReferenceOutputs, ValidationResult,
+                               compare_models,
                                describe_feeds, latency_feeds, load_inputs, make_inputs, score_outputs,
                                static_batch)
 
@@ -104,7 +105,8 @@ def _validation_data(m: Model, ctx: Context, inputs: str | os.PathLike | dict | 
 def _compare(original: Model, optimized: ModelProto | Path, feeds: dict[str, np.ndarray], labels, *,
              lossy: bool, atol: float, rtol: float, min_cosine: float, max_acc_drop: float,
              custom_op_library: str | None, min_top1: float | None = None,
-             fixed_batch: int | None = None, min_centred_cosine: float = DEFAULT_MIN_CENTRED_COSINE) -> ValidationResult:
+             fixed_batch: int | None = None, reference: ReferenceOutputs | None = None,
+             min_centred_cosine: float = DEFAULT_MIN_CENTRED_COSINE) -> ValidationResult:
     # The original runs from its file when it has one: its proto may hold stubs (weights left on disk).
     orig_src: ModelProto | Path = original.path if original.path is not None else original.proto
     too_big = _oversized_tensor(original.proto)
@@ -122,7 +124,8 @@ def _compare(original: Model, optimized: ModelProto | Path, feeds: dict[str, np.
     return compare_models(orig_src, optimized, feeds, atol=atol, rtol=rtol, labels=labels, lossy=lossy,
                           min_cosine=min_cosine, max_acc_drop=max_acc_drop, chunk=chunk,
                           custom_op_library=custom_op_library, min_top1=min_top1,
-                          score_outputs=score_outputs(original.proto), min_centred_cosine=min_centred_cosine)
+                          score_outputs=score_outputs(original.proto), reference=reference,
+                          min_centred_cosine=min_centred_cosine)
 
 
 # A tensor the model itself would compute at this size (e.g. ConstantOfShape to billions of elements)
@@ -238,7 +241,9 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
     # Lossless pipelines leave large weights on disk (onnxslim.weights): graph passes read them lazily
     # and the save streams them, so memory stays near one copy of the model. Lossy passes may hand the
     # proto to tools that need every byte (onnxruntime.quantization), so they get it loaded.
+    timing = _Timing(t0)
     m = load_model(model, lazy=not lossy)
+    timing.lap("load")
     if out_path is not None and m.data_files:
         check_output_path(out_path, m.path, m.data_paths())
     min_cosine, max_acc_drop = run_options.min_cosine, run_options.max_acc_drop
@@ -249,21 +254,25 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
         report.notes.append("ran the lossless preset before the first lossy pass (lossy passes need the cleaned "
                             "graph; --no-auto-lossless turns this off)")
     report.before = model_summary(m.proto, m.file_size or None)
+    # The original's outputs, computed once and shared by --check-each-pass, lossy stages and the final check.
+    reference = ReferenceOutputs(m.file_size if m.path is not None else None)
 
     feeds = labels = None
     source = ""
     if validate or check_each_pass:
         feeds, labels, source = _validation_data(m, ctx, inputs, lossy, val_shapes, val_samples, val_seed, val_range)
         ctx.inputs, ctx.labels = feeds, labels
+    timing.lap("setup")
 
     verify = None
     if check_each_pass:
-        verify = _make_verifier(m, ctx, feeds, atol, rtol, custom_op_library, source)
+        verify = _make_verifier(m, ctx, feeds, atol, rtol, custom_op_library, source, reference)
 
     on_stage = None
     if lossy:
-        report.stages.append(_stage_metrics(m, m.proto, "original", ctx, feeds, labels))
-        on_stage = lambda proto, name: report.stages.append(_stage_metrics(m, proto, name, ctx, feeds, labels))  # noqa: E731
+        report.stages.append(_stage_metrics(m, m.proto, "original", ctx, feeds, labels, reference))
+        on_stage = lambda proto, name: report.stages.append(  # noqa: E731
+            _stage_metrics(m, proto, name, ctx, feeds, labels, reference))
     pm = PassManager(names, options=pass_options, verify=verify, on_stage=on_stage)
     # Lossless runs: large weights the passes rewrite go to a spill file beside OUT (onnxslim.weights).
     spill = contextlib.ExitStack()
@@ -282,6 +291,7 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
     for stage, rec in zip(report.stages[1:], lossy_records):  # stage 0 is the original
         if rec.dropped is not None:
             stage["dropped"] = rec.dropped
+    timing.lap("passes")
     dropped = _keep_input_value_info(result, m.proto)
     if dropped:
         report.notes.append(f"{dropped} value_info entr{'y' if dropped == 1 else 'ies'} the passes inferred are not "
@@ -306,12 +316,13 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
             staged = stage_model(result, out_path or Path(tmpdir) / "candidate.onnx",
                                  external_data=True if m.external_data else None)
             candidate = staged.path
+        timing.lap("write")
         if validate and feeds is not None:
             ctx.progress("validating")
             validation, source = _compare_any(m, candidate, feeds, labels, source, lossy=lossy, atol=atol,
                                               rtol=rtol, min_cosine=min_cosine, max_acc_drop=max_acc_drop,
                                               custom_op_library=custom_op_library, min_top1=run_options.min_top1,
-                                              fixed_batch=static_batch(result),
+                                              fixed_batch=static_batch(result), reference=reference,
                                               min_centred_cosine=run_options.min_centred_cosine)
             if validation is not None:
                 report.validation = validation.to_dict()
@@ -330,6 +341,7 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
             report.warnings.append(f"validation skipped: {source}")
         else:
             report.warnings.append("validation disabled (--no-validate): outputs were not compared")
+        timing.lap("validation")
         if latency if latency is not None else lossy:
             ctx.progress("measuring latency")
             report.latency = latency_table(m.path or m.proto, candidate,
@@ -339,6 +351,7 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
             kept = [st for st in report.stages if "dropped" not in st]
             if len(kept) > 1 and report.latency.get("batch1", {}).get("ratio"):
                 kept[-1]["latency"] = report.latency["batch1"]  # the final model: the same figure
+        timing.lap("latency")
         report.warnings.extend(ctx.warnings)
         size = staged.size() if staged is not None else None
         report.after = model_summary(result, size)  # shown also when the gate refuses the candidate
@@ -359,6 +372,7 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
         if out_path is not None:
             staged.commit(protect=m.data_paths())  # never deletes the input's data files
             report.written = True
+        timing.lap("commit")
         if keep_model:
             weights.materialize_all(result)  # the caller gets a complete model, not stubs
     finally:
@@ -370,7 +384,23 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
         if m is not model:
             m.close()
     report.seconds = time.perf_counter() - t0
+    report.extra["timing"] = timing.laps
     return (result if keep_model else None), report
+
+
+class _Timing:
+    """Seconds per phase of one run (``report.extra["timing"]``): where a run's time goes, for the
+    start-up benchmark (tools/bench_lossless.py --split) and for anyone reading a --json report."""
+
+    def __init__(self, start: float) -> None:
+        self.last, self.last_cpu = start, time.process_time()
+        self.laps: dict[str, dict[str, float]] = {}
+
+    def lap(self, name: str) -> None:
+        """Close phase ``name``: wall seconds and CPU seconds (all threads: onnxruntime's pool too)."""
+        now, cpu = time.perf_counter(), time.process_time()
+        self.laps[name] = {"wall": round(now - self.last, 4), "cpu": round(cpu - self.last_cpu, 4)}
+        self.last, self.last_cpu = now, cpu
 
 
 def _ones_like(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -383,7 +413,9 @@ def _compare_any(original: Model, candidate: ModelProto | Path, feeds: dict[str,
     (random integers break ops that take indices, axes or divisors). ``None``: no usable inputs, and why."""
     attempts = [(feeds, source)]
     if source == "random":
-        attempts.append((_ones_like(feeds), "all-ones (the original fails on random inputs)"))
+        reference = kw.get("reference")
+        ones = reference.derived(feeds, _ones_like) if reference is not None else _ones_like(feeds)
+        attempts.append((ones, "all-ones (the original fails on random inputs)"))
     reason = source
     for f, src in attempts:
         try:
@@ -407,7 +439,8 @@ def _compare_any(original: Model, candidate: ModelProto | Path, feeds: dict[str,
     return None, reason
 
 
-def _stage_metrics(original: Model, proto: ModelProto, name: str, ctx: Context, feeds, labels) -> dict[str, Any]:
+def _stage_metrics(original: Model, proto: ModelProto, name: str, ctx: Context, feeds, labels,
+                   reference: ReferenceOutputs | None = None) -> dict[str, Any]:
     """Size, parameters, cosine/accuracy vs the original and batch-1 latency after one lossy stage."""
     from onnxslim.graph import count_params
 
@@ -418,7 +451,8 @@ def _stage_metrics(original: Model, proto: ModelProto, name: str, ctx: Context, 
     try:
         if feeds is not None:
             res = _compare(original, proto, feeds, labels, lossy=True, atol=0, rtol=0, min_cosine=0,
-                           max_acc_drop=100, custom_op_library=ctx.custom_op_library, min_top1=0.0)
+                           max_acc_drop=100, custom_op_library=ctx.custom_op_library, min_top1=0.0,
+                           reference=reference)
             stage["cosine"] = min((o.cosine for o in res.outputs), default=None)
             stage["accuracy"] = res.accuracy_after
         if name != "original" and ctx.run.latency is not False:
@@ -434,7 +468,8 @@ def _stage_metrics(original: Model, proto: ModelProto, name: str, ctx: Context, 
 
 
 def _make_verifier(original: Model, ctx: Context, feeds, atol: float, rtol: float,
-                   custom_op_library: str | None, source: str = "given") -> Callable[[ModelProto, str], None]:
+                   custom_op_library: str | None, source: str = "given",
+                   reference: ReferenceOutputs | None = None) -> Callable[[ModelProto, str], None]:
     """After each pass: onnx.checker, then (for lossless passes) outputs vs the original."""
     registry = load_passes()
 
@@ -447,7 +482,8 @@ def _make_verifier(original: Model, ctx: Context, feeds, atol: float, rtol: floa
             return
         with session_source(model) as src:
             res, _ = _compare_any(original, src, feeds, None, source, lossy=False, atol=atol, rtol=rtol,
-                                  min_cosine=1.0, max_acc_drop=0.0, custom_op_library=custom_op_library)
+                                  min_cosine=1.0, max_acc_drop=0.0, custom_op_library=custom_op_library,
+                                  reference=reference)
         if res is not None and not res.passed:
             raise PassError(f"pass '{pass_name}' changed the outputs (first pass to do so): {res.reason}")
 

@@ -238,19 +238,27 @@ def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
 
 def graph_and_bodies(graph: gs.Graph) -> list[gs.Graph]:
     """The graph and its If/Loop/Scan bodies, parents first; not model-local function bodies."""
+    # Called before and after every pass (the manager's statistics): plain loops, no generator per
+    # attribute, since nearly every attribute is an int or a list of ints.
     out, stack = [], [graph]
+    Graph = gs.Graph
     while stack:
         g = stack.pop(0)
         out.append(g)
         for n in g.nodes:
             for a in n.attrs.values():
-                stack.extend(x for x in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(x, gs.Graph))
+                if isinstance(a, Graph):
+                    stack.append(a)
+                elif isinstance(a, (list, tuple)) and a and isinstance(a[0], Graph):
+                    stack.extend(x for x in a if isinstance(x, Graph))
     return out
 
 
 def has_subgraph(node: gs.Node) -> bool:
-    return any(isinstance(a, gs.Graph) or (isinstance(a, (list, tuple)) and any(isinstance(x, gs.Graph) for x in a))
-               for a in node.attrs.values())
+    for a in node.attrs.values():
+        if isinstance(a, gs.Graph) or (isinstance(a, (list, tuple)) and any(isinstance(x, gs.Graph) for x in a)):
+            return True
+    return False
 
 
 def is_default_domain(node: gs.Node) -> bool:

@@ -8,6 +8,7 @@ verification after every pass that names the first pass that changed the outputs
 from __future__ import annotations
 
 import importlib
+import math
 import pkgutil
 import time
 from dataclasses import dataclass, field
@@ -262,8 +263,8 @@ def graph_stats(graph: gs.Graph) -> dict[str, int]:
     nbytes = 0
     for c in consts.values():
         try:
-            nbytes += int(np.prod(c.shape, dtype=np.int64)) * np.dtype(c.dtype).itemsize
-        except TypeError:
+            nbytes += int(math.prod(c.shape)) * np.dtype(c.dtype).itemsize  # math.prod: np.prod is 10x slower per call
+        except (TypeError, ValueError):
             pass
     return {"nodes": nodes, "initializers": len(consts), "bytes": nbytes}
 

@@ -107,15 +107,22 @@ def index_bounds(model: ModelProto) -> dict[str, int]:
               for a in n.attribute if a.name == "value" for o in n.output}
     consts.update(inits)
     const_vals = {t.name: t for t in model.graph.initializer}
-    shapes: dict[str, list[int]] = {}
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-        for v in list(inferred.graph.value_info) + list(inferred.graph.input):
-            dims = v.type.tensor_type.shape.dim
-            if v.type.HasField("tensor_type") and all(d.HasField("dim_value") for d in dims):
-                shapes[v.name] = [d.dim_value for d in dims]
-    except Exception:  # noqa: BLE001 - no shapes: bounds from initializers only
-        pass
+
+    @functools.lru_cache(maxsize=1)
+    def shapes() -> dict[str, list[int]]:
+        # Inferred only when a table is neither an initializer nor a Constant: models without integer
+        # inputs (most vision models) never pay for a shape inference of the whole graph here.
+        out: dict[str, list[int]] = {}
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+            for v in list(inferred.graph.value_info) + list(inferred.graph.input):
+                dims = v.type.tensor_type.shape.dim
+                if v.type.HasField("tensor_type") and all(d.HasField("dim_value") for d in dims):
+                    out[v.name] = [d.dim_value for d in dims]
+        except Exception:  # noqa: BLE001 - no shapes: bounds from initializers only
+            pass
+        return out
+
     users: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
         for i in n.input:
@@ -139,7 +146,7 @@ def index_bounds(model: ModelProto) -> dict[str, int]:
                 if n.op_type in _VALUE_PRESERVING and n.input and n.input[0] == t:
                     stack.extend(n.output)
                 elif n.op_type in ("Gather", "GatherElements") and len(n.input) > 1 and n.input[1] == t:
-                    table = consts.get(n.input[0]) or shapes.get(n.input[0])
+                    table = consts.get(n.input[0]) or shapes().get(n.input[0])
                     if table:
                         found.append(table[attr(n, "axis", 0) % len(table)])
                 elif n.op_type == "OneHot" and n.input[0] == t and n.input[1] in const_vals:
@@ -469,8 +476,9 @@ def run_model(model: ModelProto | str | Path, inputs: dict[str, np.ndarray], *, 
 
 
 def _run_model(model: ModelProto | str | Path, inputs: dict[str, np.ndarray], *, chunk: int | None = None,
-               custom_op_library: str | None = None, optimize: bool = True) -> tuple[list[str], list[np.ndarray]]:
-    """``run_model``; ``optimize=False`` runs the graph as it is, without onnxruntime's graph rewrites.
+               custom_op_library: str | None = None, optimize: bool | str = True) -> tuple[list[str], list[np.ndarray]]:
+    """``run_model``; ``optimize=False`` runs the graph as it is, without onnxruntime's graph rewrites;
+    ``optimize="extended"`` applies them except the layout ones (see ``rewrite_level``).
 
     The session lives only inside this call: when it returns, the weights onnxruntime holds (mapped
     external data, or its parse of an embedded file) are gone before the next model is loaded."""
@@ -478,7 +486,8 @@ def _run_model(model: ModelProto | str | Path, inputs: dict[str, np.ndarray], *,
 
     from onnxslim.runtime import make_session, run
 
-    level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    level = {True: ort.GraphOptimizationLevel.ORT_ENABLE_ALL, False: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}[optimize]
     sess = make_session(model, custom_op_library=custom_op_library, level=level, prepack=False)  # a few runs: see runtime
     names = [o.name for o in sess.get_outputs()]
     if not chunk:
@@ -504,6 +513,19 @@ def _run_model(model: ModelProto | str | Path, inputs: dict[str, np.ndarray], *,
 # onnxruntime computes both the same way), and so do lossy gates, which must measure what onnxruntime
 # will run (e.g. fused int8 kernels).
 NO_REWRITES_BYTES = 64 << 20
+
+
+def rewrite_level(lossy: bool, weight_bytes: int) -> bool | str:
+    """onnxruntime's graph rewrites for a comparison (``_run_model``'s ``optimize``).
+
+    Lossy gates: all of them (they measure what onnxruntime will run). Lossless comparisons of models
+    from NO_REWRITES_BYTES on: none (above). Smaller lossless ones: the fusions (both graphs fused
+    alike, e.g. LayerNorm/Gelu patterns of a float16 model, agree more closely) but not the level-3 layout
+    rewrites (NCHWc: every conv weight re-laid out at session start, half of a small model's session
+    time, applied to both graphs alike, so they prove nothing about onnxslim's rewrites)."""
+    if lossy:
+        return True
+    return "extended" if weight_bytes < NO_REWRITES_BYTES else False
 
 
 def _weight_bytes(model: ModelProto | str | Path) -> int:
@@ -541,30 +563,76 @@ def static_batch(model: ModelProto) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
+class ReferenceOutputs:
+    """The original model's outputs, computed once per set of inputs and reused for every comparison of
+    one run (each --check-each-pass step, each lossy stage, the final check): the original does not
+    change, so building its onnxruntime session again would only cost time. A failure of the original
+    on some inputs is remembered too. Entries are keyed by the inputs' identity (the dict is kept, so
+    the identity cannot be reused), the graph-rewrite level and the chunk size."""
+
+    def __init__(self, weight_bytes: int | None = None) -> None:
+        self.weight_bytes = weight_bytes  # the original's size with its weights, when the caller knows it
+        self._entries: list[tuple[dict, bool | str, int | None, Any]] = []
+        self._derived: list[tuple[dict, dict]] = []
+
+    def get(self, inputs: dict, optimize: bool | str, chunk: int | None) -> Any:
+        for feeds, opt, ch, value in self._entries:
+            if feeds is inputs and opt == optimize and ch == chunk:
+                return value
+        return None
+
+    def put(self, inputs: dict, optimize: bool | str, chunk: int | None, value: Any) -> None:
+        self._entries.append((inputs, optimize, chunk, value))
+
+    def derived(self, inputs: dict, make: Any) -> dict:
+        """``make(inputs)``, made once: inputs derived from ``inputs`` (e.g. all-ones) keep one identity."""
+        for src, out in self._derived:
+            if src is inputs:
+                return out
+        out = make(inputs)
+        self._derived.append((inputs, out))
+        return out
+
+
 def compare_models(original: ModelProto | str | Path, optimized: ModelProto | str | Path,
                    inputs: dict[str, np.ndarray], *, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
                    labels: np.ndarray | None = None, lossy: bool = False,
                    min_cosine: float = DEFAULT_MIN_COSINE, max_acc_drop: float = DEFAULT_MAX_ACC_DROP,
                    chunk: int | None = None, custom_op_library: str | None = None,
                    min_top1: float | None = None, score_outputs: set[str] | None = None,
+                   reference: ReferenceOutputs | None = None,
                    min_centred_cosine: float = DEFAULT_MIN_CENTRED_COSINE) -> ValidationResult:
     """Run both models on ``inputs`` and judge the optimized one (see module doc).
 
     Lossy, without labels: every output's cosine >= ``min_cosine``, its centred cosine (``centred_cosine``)
     >= ``min_centred_cosine`` where it applies, and top-1 agreement >= ``min_top1`` on the outputs that are
     class scores (``score_outputs``; by default ``DEFAULT_MIN_TOP1``): a cosine near 1 can hide a classifier
-    that changed one answer in five, or a model that answers every input with the average answer."""
+    that changed one answer in five, or a model that answers every input with the average answer.
+    ``reference``: the original's outputs of earlier comparisons in the same run (then its session is not
+    built again)."""
     # One session at a time: the original's outputs are computed and its session freed before the
     # optimized one is built.
-    optimize = lossy or _weight_bytes(original) < NO_REWRITES_BYTES
+    size = reference.weight_bytes if reference is not None and reference.weight_bytes is not None else None
+    optimize = rewrite_level(lossy, 0 if lossy else size if size is not None else _weight_bytes(original))
     run = functools.partial(_run_model, chunk=chunk, custom_op_library=custom_op_library, optimize=optimize)
-    try:
-        names_a, outs_a = run(original, inputs)
-    except InputError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the reference itself fails: nothing to compare against
-        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise NotValidatable(f"the original model does not run in onnxruntime on these inputs: {first[-200:]}") from None
+    known = reference.get(inputs, optimize, chunk) if reference is not None else None
+    if isinstance(known, NotValidatable):
+        raise NotValidatable(str(known))
+    if known is not None:
+        names_a, outs_a = known
+    else:
+        try:
+            names_a, outs_a = run(original, inputs)
+        except InputError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the reference itself fails: nothing to compare against
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            failure = NotValidatable(f"the original model does not run in onnxruntime on these inputs: {first[-200:]}")
+            if reference is not None:
+                reference.put(inputs, optimize, chunk, failure)
+            raise failure from None
+        if reference is not None:
+            reference.put(inputs, optimize, chunk, (names_a, outs_a))
     try:
         names_b, outs_b = run(optimized, inputs)
     except InputError:
