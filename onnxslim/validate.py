@@ -23,6 +23,9 @@ from onnxslim.options import DEFAULT_MAX_ACC_DROP, DEFAULT_MIN_CENTRED_COSINE, D
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
 DEFAULT_DIM = 1  # value for a dynamic dimension nobody fixed
+# Dynamic height/width of an image input (rank 4, channels fixed) in generated validation data: at 1x1 a
+# detector with stride 32 (PP-OCR det) outputs all zeros and the comparison cannot tell models apart.
+SPATIAL_DIM = 64
 MAX_INPUT_BYTES = 1 << 30  # random validation inputs larger than this are refused (NotValidatable)
 
 
@@ -179,6 +182,18 @@ def random_array(dtype: np.dtype, shape: list[int], rng: np.random.Generator, hi
     raise NotValidatable(f"cannot build random data of type {dtype}")
 
 
+def _spatial_axes(dtype: np.dtype, dims: list) -> tuple[int, ...]:
+    """Height/width axes of a float image input: NCHW when axis 1 is fixed, NHWC when only axis 3 is."""
+    if dtype.kind != "f" or len(dims) != 4:
+        return ()
+    fixed = [isinstance(d, int) and d > 0 for d in dims]
+    if fixed[1]:
+        return (2, 3)
+    if fixed[3]:
+        return (1, 2)
+    return ()
+
+
 def make_inputs(model: ModelProto, input_shapes: dict[str, list[int]] | None = None, *, seed: int = 0,
                 batch: int | None = None, float_range: tuple[float, float] | None = None) -> dict[str, np.ndarray]:
     """Deterministic random inputs following the model's input specs."""
@@ -191,6 +206,13 @@ def make_inputs(model: ModelProto, input_shapes: dict[str, list[int]] | None = N
             raise InputError(f"--input-shape names '{name}', which is not an input of the model")
     bounds = index_bounds(model)
     for name, (dtype, dims) in input_specs(model).items():
+        if name not in shapes:
+            dims = list(dims)
+            for i in _spatial_axes(dtype, dims):
+                if isinstance(dims[i], str):
+                    symbols.setdefault(dims[i], SPATIAL_DIM)  # the same symbol elsewhere gets the same size
+                elif not (isinstance(dims[i], int) and dims[i] > 0):
+                    dims[i] = SPATIAL_DIM
         shape = resolve_shape(name, dims, shapes, symbols, batch)
         if any(d < 0 for d in shape) or np.prod(shape, dtype=np.float64) * dtype.itemsize > MAX_INPUT_BYTES:
             # A declared shape of billions of elements (hostile or mistaken) must not take the machine down.

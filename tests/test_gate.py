@@ -1,5 +1,6 @@
-"""The lossy gate's centred cosine: a result that answers every input with roughly the average answer
-(large shared mean, input-dependent part lost) passes a raw cosine of 0.99 and must still be refused."""
+"""What the gate judges and on what data: the lossy gate's centred cosine (a result that answers every
+input with roughly the average answer passes a raw cosine of 0.99 and must still be refused), and generated
+validation inputs at an image size where a strided CNN still computes something."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxslim.validate import centred_cosine, compare_models
+from onnxslim.validate import SPATIAL_DIM, centred_cosine, compare_models, make_inputs
 
 
 def affine(w: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
@@ -48,3 +49,19 @@ def test_centred_cosine_needs_samples_and_spread():
     assert centred_cosine(same, same + 1e-3) is None  # the original does not vary with the input
     x = RNG.standard_normal((8, 5))
     assert abs(centred_cosine(x, x) - 1.0) < 1e-12 and centred_cosine(x, -x + 2 * x.mean(0)) < -0.99
+
+
+def image_model(dims: list) -> onnx.ModelProto:
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_generated_images_get_a_spatial_size_not_1x1():
+    s = SPATIAL_DIM
+    assert make_inputs(image_model(["N", 3, "H", "W"]))["x"].shape == (1, 3, s, s)  # NCHW
+    assert make_inputs(image_model(["N", "H", "W", 3]))["x"].shape == (1, s, s, 3)  # NHWC
+    assert make_inputs(image_model([1, 3, 48, "W"]))["x"].shape == (1, 3, 48, s)  # fixed dims kept
+    assert make_inputs(image_model(["N", "C", "H", "W"]))["x"].shape == (1, 1, 1, 1)  # channels unknown: no guess
+    assert make_inputs(image_model(["N", 3, "H", "W"]), {"x": [2, 3, 8, 9]})["x"].shape == (2, 3, 8, 9)
