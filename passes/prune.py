@@ -33,6 +33,9 @@ from onnxslim.runtime import latency_table
 from onnxslim.validate import latency_feeds
 
 
+SCOPES = ("all", "heads", "channels")
+
+
 @dataclass(frozen=True)
 class PruneOptions:
     prune_ratio: float | None = option(None, "Fraction of channels removed per group.", min=0.0, max=0.95)
@@ -45,6 +48,9 @@ class PruneOptions:
     prune_min_channels: int = option(1, "Minimum channels kept per layer.", min=1)
     prune_refit: bool | None = option(None, "Least-squares refit of consumers on --calib (default on with --calib).",
                                       cli="--prune-refit/--no-prune-refit")
+    prune_scope: str = option("all", "What a ratio prunes: all groups, only attention heads (whole heads of Q/K/V "
+                                     "and the output projection's rows), or only channels (FFN units, conv/linear "
+                                     "channels).", choices=SCOPES)
     prune_ridge: float | None = option(None, "Ridge strength of the refit, relative to the mean input energy "
                                              "(default: 0.01 for layers with many rows per input, else chosen "
                                              "by cross-validation over the calibration samples).", min=0.0)
@@ -102,12 +108,13 @@ class Prune(Pass):
         importance = s["importance"] or ("recon" if refit else "l1")
         if importance == "recon" and calib is None:
             raise InputError("prune: --prune-importance recon needs calibration data (--calib)")
-        report: dict[str, Any] = {"importance": importance, "round_to": s["round_to"],
+        report: dict[str, Any] = {"importance": importance, "scope": o.prune_scope, "round_to": s["round_to"],
                                   "min_channels": s["min_channels"], "refit": refit}
         timed = _Stages(report)
         ctx.progress("prune: tracing channels")
         with timed("trace"):
             an = ch.analyze(ch.traced_graph(model))
+            _limit_scope(an, o.prune_scope)
             imp = ch.importance(an, "l2" if importance == "l2" else "l1")
         select = None
         if importance == "recon":
@@ -170,6 +177,15 @@ class Prune(Pass):
                                  f"MACs {before.macs:,} -> {after.macs:,}"])
 
 
+def _limit_scope(an: ch.Analysis, scope: str) -> None:
+    """Groups outside --prune-scope stay whole (a reason like any other: the report names it)."""
+    if scope == "all":
+        return
+    for g in an.groups:
+        if g.prunable and (g.kind == "heads") != (scope == "heads"):
+            g.reasons.append(f"outside --prune-scope {scope}")
+
+
 class _Stages:
     """Wall and CPU seconds per stage, summed into ``report["seconds"]`` / ``report["cpu_seconds"]``
     (CPU time as well: on a loaded machine wall time says more about the neighbours than about us)."""
@@ -212,6 +228,7 @@ def _summary(r: dict[str, Any]) -> list[str]:
     width = max((len(g["group"]) for g in r.get("groups", [])), default=2)
     for g in r.get("groups", []):
         layers = ", ".join(g["layers"][:3]) + (f" (+{len(g['layers']) - 3})" if len(g["layers"]) > 3 else "")
-        state = f"skipped: {g['skipped']}" if g["skipped"] else f"{g['channels']} -> {g['kept']}"
+        unit = " heads" if g.get("kind") == "heads" else ""
+        state = f"skipped: {g['skipped']}" if g["skipped"] else f"{g['channels']} -> {g['kept']}{unit}"
         lines.append(f"  {g['group']:<{width}}  {state}  [{layers}]")
     return lines

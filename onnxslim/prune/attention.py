@@ -96,18 +96,24 @@ def _target_entry(node: gs.Node, pos: int) -> tuple[list[int | None], _Target | 
     return entries, where
 
 
-def _split_candidate(node: gs.Node) -> tuple[int, int, _Target] | None:
-    """(H, D, head-count entry) of a Reshape [B,S,H*D] -> [B,S,H,D] with constant H and D."""
+def _split_candidate(node: gs.Node) -> tuple[int, int, _Target | None] | None:
+    """(H, D, head-count entry or None when it is -1) of a Reshape [B,S,H*D] -> [B,S,H,D]: H and D constant,
+    one of them may be -1 (inferred from the channels, and then still right after heads go)."""
     if node.op != "Reshape" or node.attrs.get("allowzero", 0):
         return None
     si, so = _shape(node.inputs[0]), _shape(node.outputs[0])
-    if si is None or so is None or len(si) != 3 or len(so) != 4:
+    if si is None or so is None or len(si) != 3 or len(so) != 4 or not isinstance(si[2], (int, np.integer)):
         return None
+    c = int(si[2])
     entries, where = _target_entry(node, 2)
-    if len(entries) != 4 or where is None or entries[3] is None or entries[2] is None:
+    if len(entries) != 4 or entries[2] is None or entries[3] is None:
         return None
     h, d = entries[2], entries[3]
-    if h <= 1 or d <= 0 or not isinstance(si[2], (int, np.integer)) or int(si[2]) != h * d:
+    if h == -1 and d > 0 and c % d == 0:
+        h, where = c // d, None
+    elif h > 0 and d == -1 and c % h == 0:
+        d = c // h
+    if h <= 1 or d <= 0 or h * d != c or (where is None and entries[2] != -1):
         return None
     return h, d, where
 
@@ -138,6 +144,7 @@ class _Walk:
         self.parent: list[int] = []
         self.broken: dict[int, str] = {}
         self.merges: dict[int, list[int]] = {}  # component -> merge node indexes
+        self.probes: list[tuple[int, str, int, str]] = []  # (component, tensor, axis from the right, where)
 
     def find(self, a: int) -> int:
         while self.parent[a] != a:
@@ -209,9 +216,10 @@ class _Walk:
                 if not t.name or t.name in self.axis:
                     continue
                 s = _shape(t)
-                if s is None:
-                    self.fail(c, f"{where}: '{t.name}' has an unknown shape")
-                    return
+                if s is None or any(not isinstance(x, (int, np.integer)) for x in s):
+                    # e.g. the attention mask of transformers 5 exports: symbolic dims, so run it (find_heads)
+                    self.probes.append((c, t.name, ro - h, f"{where}: '{t.name}'"))
+                    continue
                 j = h - (ro - len(s))
                 if j >= 0 and s[j] != 1:
                     self.fail(c, f"{where}: '{t.name}' does not broadcast over the heads")
@@ -240,6 +248,8 @@ def find_heads(graph: gs.Graph) -> list[HeadBlock]:
             walk.mark(node.outputs[0], 2, comp)
             continue
         walk.visit(i, node)
+    for comp, name, from_right, where in _probe(graph, walk):
+        walk.fail(comp, where)
     outputs = {t.name for t in graph.outputs}
     for name in outputs & set(walk.axis):
         walk.fail(walk.comp[name], f"'{name}' is a graph output")
@@ -274,6 +284,65 @@ def find_heads(graph: gs.Graph) -> list[HeadBlock]:
             blocks.append(HeadBlock(heads, dim, sorted(members), [splits[i][2] for i in sorted(members)],
                                     merges[0], where, shapes))
     return blocks
+
+
+PROBE_DIM = 3  # every dynamic input dim of the probe run (not 1: a broadcast dim must show as 1 on its own)
+
+
+def _probe(graph: gs.Graph, walk: _Walk) -> list[tuple[int, str, int, str]]:
+    """The probed tensors (computed from graph inputs and constants only, e.g. an attention mask whose dims
+    shape inference leaves symbolic) that do not broadcast over the heads: their subgraph is run once in
+    onnxruntime on dummy inputs with every dynamic dim PROBE_DIM, and the dim facing the head axis must be 1."""
+    probes = [p for p in walk.probes if walk.find(p[0]) not in walk.broken]
+    if not probes:
+        return []
+    bad = []
+    producers = {t.name: n for n in graph.nodes for t in n.outputs}
+    names = sorted({p[1] for p in probes})
+    needed, stack, inputs = [], list(names), set()
+    seen: set[str] = set()
+    graph_inputs = {t.name for t in graph.inputs}
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in graph_inputs:
+            inputs.add(name)
+            continue
+        n = producers.get(name)
+        if n is None:
+            continue  # an initializer
+        if any(o.name in walk.axis for o in n.outputs):
+            return [(p[0], p[1], p[2], f"{p[3]} depends on the heads") for p in probes]
+        needed.append(n)
+        stack.extend(t.name for t in n.inputs if t.name)
+    try:
+        import onnxruntime as ort
+
+        sub = graph.copy()
+        tensors = sub.tensors()
+        sub.inputs = [t for t in sub.inputs if t.name in inputs]
+        sub.outputs = [tensors[n] for n in names]
+        for t in sub.outputs:
+            t.dtype = t.dtype or np.float32
+        sub.cleanup()
+        model = gs.export_onnx(sub)
+        feeds = {}
+        for t in sub.inputs:
+            shape = [d if isinstance(d, (int, np.integer)) and d >= 0 else PROBE_DIM for d in (t.shape or [])]
+            feeds[t.name] = np.zeros(shape, dtype=np.dtype(t.dtype) if t.dtype is not None else np.float32)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        got = dict(zip(names, sess.run(names, feeds)))
+    except Exception as e:  # noqa: BLE001 - without the probe the block stays whole, with the reason
+        return [(p[0], p[1], p[2], f"{p[3]} has an unknown shape ({type(e).__name__})") for p in probes]
+    for comp, name, from_right, where in probes:
+        shape = got[name].shape
+        if from_right <= len(shape) and shape[len(shape) - from_right] != 1:
+            bad.append((comp, name, from_right, f"{where} does not broadcast over the heads"))
+    return bad
 
 
 def _rewrite(g: gs.Graph, j: int, target: _Target, value: int) -> None:
