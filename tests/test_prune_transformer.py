@@ -140,6 +140,33 @@ def test_zeroed_heads_are_removed_exactly() -> None:
     assert [(g["channels"], g["kept"]) for g in heads] == [(HEADS, 2), (HEADS, 2)]
 
 
+def inferred_counts(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The export style of transformers 5: reshape targets Concat(B, S, -1, D) and Concat(B, S, -1)."""
+    import onnx_graphsurgeon as gs
+
+    g = gs.import_onnx(model)
+    for n in g.nodes:
+        if n.op == "Reshape" and "/attention/self/" in n.name and n.inputs[1].inputs:
+            cat = n.inputs[1].inputs[0]
+            k = 2 if len(cat.inputs) == 4 else len(cat.inputs) - 1
+            cat.inputs[k] = gs.Constant(f"{cat.name}_minus_one", np.array([-1], np.int64))
+    out = gs.export_onnx(g)
+    out.opset_import[0].version = model.opset_import[0].version
+    return out
+
+
+def test_zeroed_heads_removed_with_inferred_head_count() -> None:
+    zeroed = inferred_counts(zero_heads(lossless(), {0: [0], 1: [3]}))
+    assert reshape_heads(zeroed, 0) == [-1, -1, -1]
+    out, _ = prune(zeroed, prune_ratio=0.25, prune_scope="heads", prune_importance="l1")
+    for layer in (0, 1):
+        assert {projection(out, layer, p)[0].shape[1] for p in ("query", "key", "value")} == {3 * HEAD_DIM}
+        assert reshape_heads(out, layer) == [-1, -1, -1]
+    x = calib_feeds(8)
+    for a, b in zip(run(zeroed, x), run(out, x)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_prune_all_with_refit_stays_close() -> None:
     """Heads and FFN units at 0.3 (1 of 4 heads, 256 -> 176 units per layer), refit on the calibration data:
     held-out outputs stay close (measured min per-sample cosine 0.968 last_hidden_state / 0.984 pooler; without

@@ -416,7 +416,8 @@ class HeadTracker:
             return int(keep_positions(heads_of, keep).sum())
 
         for j, t in zip(b.splits, b.split_targets):
-            self.an.fixups.append((j, lambda g, k, keep, t=t: _rewrite(g, k, t, count(keep))))
+            if t is not None:  # None: the head count is -1, inferred from the channels
+                self.an.fixups.append((j, lambda g, k, keep, t=t: _rewrite(g, k, t, count(keep))))
         if b.merge_target is not None:
             mt = b.merge_target
             self.an.fixups.append((i, lambda g, k, keep: _rewrite(g, k, mt, count(keep) * d)))
