@@ -2,6 +2,10 @@
 
 1. Trace channel dependencies (onnxslim.prune: tracing, grouping): groups of layers whose output channels must be
    removed together, the rewrites each removal needs, and the groups that must stay whole (why).
+   In transformer encoders each attention layer is one group of whole heads (onnxslim.prune.attention:
+   the same heads leave Q, K and V, the reshape head counts are rewritten, the output projection loses
+   the heads' input rows and is refit); FFN units are ordinary channel groups. ``--prune-scope`` limits a
+   run to heads or to channels; heads are never rounded by --round-to (at least one stays per layer).
 2. Rank each group's channels by weight norm (L1/L2, times the scale of a following BatchNorm),
    summed over the group's layers; keep ``1 - ratio`` of them, rounded to multiples of --round-to.
    ``--prune-target params=F|macs=F`` instead picks one ratio per group from a sensitivity analysis
