@@ -238,3 +238,18 @@ def test_heads_round_to_whole_heads(ratio: float, kept: int) -> None:
     for g in an.groups:
         if g.kind == "heads":
             assert sum(bool(keep[u[0]]) for u in g.units) == kept
+
+
+def test_sensitivity_has_one_row_per_attention_layer(tmp_path: Path) -> None:
+    out = tmp_path / "s.json"
+    p = subprocess.run([sys.executable, "-m", "onnxslim.cli", "sensitivity", str(BERT), "--calib", str(CALIB),
+                        "--ratios", "0.3,0.6", "--calib-size", "32", "--json", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    import json
+
+    res = json.loads(out.read_text())
+    heads = [g for g in res["groups"] if g["kind"] == "heads"]
+    assert len(heads) == 2 and all(not g["skipped"] for g in heads)
+    assert [[pt["kept"] for pt in g["points"]] for g in heads] == [[3, 2], [3, 2]]
+    assert all(0 < pt["cosine"] <= 1.0 + 1e-6 for g in heads for pt in g["points"])
+    assert "4 heads" in p.stdout
