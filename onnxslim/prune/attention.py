@@ -153,15 +153,14 @@ class _Walk:
         return a
 
     def union(self, a: int, b: int) -> int:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-            for k in (max(ra, rb),):
-                if k in self.broken:
-                    self.broken.setdefault(min(ra, rb), self.broken.pop(k))
-                if k in self.merges:
-                    self.merges.setdefault(min(ra, rb), []).extend(self.merges.pop(k))
-        return min(ra, rb)
+        ra, rb = sorted((self.find(a), self.find(b)))
+        if ra != rb:  # rb's findings move to the surviving root ra
+            self.parent[rb] = ra
+            if rb in self.broken:
+                self.broken.setdefault(ra, self.broken.pop(rb))
+            if rb in self.merges:
+                self.merges.setdefault(ra, []).extend(self.merges.pop(rb))
+        return ra
 
     def mark(self, t: gs.Tensor, axis: int, comp: int) -> None:
         self.axis[t.name], self.comp[t.name] = axis, comp
