@@ -55,6 +55,8 @@ class PruneOptions:
     prune_scope: str = option("all", "What a ratio prunes: all groups, only attention heads (whole heads of Q/K/V "
                                      "and the output projection's rows), or only channels (FFN units, conv/linear "
                                      "channels).", choices=SCOPES)
+    prune_head_ratio: float | None = option(None, "Fraction of attention heads removed per layer (default: "
+                                                  "--prune-ratio).", min=0.0, max=0.95)
     prune_ridge: float | None = option(None, "Ridge strength of the refit, relative to the mean input energy "
                                              "(default: 0.01 for layers with many rows per input, else chosen "
                                              "by cross-validation over the calibration samples).", min=0.0)
@@ -64,6 +66,8 @@ class PruneOptions:
             parse_target(self.prune_target)
         if self.prune_ratio is not None and self.prune_target is not None:
             raise InputError("prune: give either --prune-ratio or --prune-target, not both")
+        if self.prune_head_ratio is not None and self.prune_ratio is None:
+            raise InputError("prune: --prune-head-ratio needs --prune-ratio (the ratio of the other groups)")
 
 
 
@@ -141,7 +145,8 @@ class Prune(Pass):
                 ctx.warn(f"prune: --prune-target {kind}={frac:g} not reachable; removed {reached:.1%} "
                          "(groups that must stay whole limit it)")
         else:
-            ratios = {g.id: float(ratio) for g in an.groups if g.prunable}
+            heads = ratio if o.prune_head_ratio is None else o.prune_head_ratio
+            ratios = {g.id: float(heads if g.kind == "heads" else ratio) for g in an.groups if g.prunable}
         report["ratios"] = ratios
         with timed("select"):
             keep = ch.plan(an, ratios, imp, round_to=s["round_to"], min_channels=s["min_channels"], select=select)

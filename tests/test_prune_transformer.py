@@ -253,3 +253,18 @@ def test_sensitivity_has_one_row_per_attention_layer(tmp_path: Path) -> None:
     assert [[pt["kept"] for pt in g["points"]] for g in heads] == [[3, 2], [3, 2]]
     assert all(0 < pt["cosine"] <= 1.0 + 1e-6 for g in heads for pt in g["points"])
     assert "4 heads" in p.stdout
+
+
+def test_head_ratio_overrides_for_heads_only() -> None:
+    out, rep = prune(lossless(), prune_ratio=0.5, prune_head_ratio=0.25, prune_importance="l1", round_to=8)
+    assert [g["kept"] for g in rep["groups"] if g["kind"] == "heads"] == [3, 3]
+    assert [g["kept"] for g in rep["groups"] if g["kind"] == "channels" and not g["skipped"]] == [128, 128]
+    assert reshape_heads(out, 0) == [3, 3, 3]
+
+
+def test_cli_head_ratio_without_ratio_exits_2(tmp_path: Path) -> None:
+    out = tmp_path / "o.onnx"
+    p = subprocess.run([sys.executable, "-m", "onnxslim.cli", str(BERT), str(out), "--passes", "lossless,prune",
+                        "--prune-head-ratio", "0.3"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and "--prune-head-ratio" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not out.exists()

@@ -210,11 +210,14 @@ def onnxslim_row(src: Path, dst: Path, passes: str, calib: Path, work: Path) -> 
 # -- prune rows (issue 12 item 3; issue 11's encoder goal) -- name -> (passes, onnxslim options, calibration
 # sentences). --force: the CLI gate compares last_hidden_state token by token at --min-cosine 0.99; the row
 # measures what the benchmark cares about (sentence embeddings), and its status keeps the gate's message.
-# Distillation gets more unlabelled template sentences than the refit's 64 (none of them an evaluated one).
+# The *-512 rows and distillation get 512 unlabelled template sentences instead of 64 (none of them an evaluated
+# one): the refit of a 1536-input FFN projection needs more rows than 64 sentences give.
 PRUNE_ROWS = {
     "prune-0.3": ("lossless,prune", ["--prune-ratio", "0.3"], 64),
     "prune-0.3-heads": ("lossless,prune", ["--prune-ratio", "0.3", "--prune-scope", "heads"], 64),
     "prune-0.3-channels": ("lossless,prune", ["--prune-ratio", "0.3", "--prune-scope", "channels"], 64),
+    "prune-0.3-512": ("lossless,prune", ["--prune-ratio", "0.3"], 512),
+    "prune-0.3-channels-512": ("lossless,prune", ["--prune-ratio", "0.3", "--prune-scope", "channels"], 512),
     "prune-0.5": ("lossless,prune", ["--prune-ratio", "0.5"], 64),
     "prune-0.5+distill": ("lossless,prune,distill", ["--prune-ratio", "0.5"], 64),
     "prune-0.5+distill-512": ("lossless,prune,distill", ["--prune-ratio", "0.5"], 512),
