@@ -218,6 +218,7 @@ PRUNE_ROWS = {
     "prune-0.3-channels": ("lossless,prune", ["--prune-ratio", "0.3", "--prune-scope", "channels"], 64),
     "prune-0.3-512": ("lossless,prune", ["--prune-ratio", "0.3"], 512),
     "prune-0.3-channels-512": ("lossless,prune", ["--prune-ratio", "0.3", "--prune-scope", "channels"], 512),
+    "prune-0.3-heads0.17-512": ("lossless,prune", ["--prune-ratio", "0.3", "--prune-head-ratio", "0.17"], 512),
     "prune-0.5": ("lossless,prune", ["--prune-ratio", "0.5"], 64),
     "prune-0.5+distill": ("lossless,prune,distill", ["--prune-ratio", "0.5"], 64),
     "prune-0.5+distill-512": ("lossless,prune,distill", ["--prune-ratio", "0.5"], 512),
