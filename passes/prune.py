@@ -2,6 +2,10 @@
 
 1. Trace channel dependencies (onnxslim.prune: tracing, grouping): groups of layers whose output channels must be
    removed together, the rewrites each removal needs, and the groups that must stay whole (why).
+   In transformer encoders each attention layer is one group of whole heads (onnxslim.prune.attention:
+   the same heads leave Q, K and V, the reshape head counts are rewritten, the output projection loses
+   the heads' input rows and is refit); FFN units are ordinary channel groups. ``--prune-scope`` limits a
+   run to heads or to channels; heads are never rounded by --round-to (at least one stays per layer).
 2. Rank each group's channels by weight norm (L1/L2, times the scale of a following BatchNorm),
    summed over the group's layers; keep ``1 - ratio`` of them, rounded to multiples of --round-to.
    ``--prune-target params=F|macs=F`` instead picks one ratio per group from a sensitivity analysis
@@ -33,6 +37,9 @@ from onnxslim.runtime import latency_table
 from onnxslim.validate import latency_feeds
 
 
+SCOPES = ("all", "heads", "channels")
+
+
 @dataclass(frozen=True)
 class PruneOptions:
     prune_ratio: float | None = option(None, "Fraction of channels removed per group.", min=0.0, max=0.95)
@@ -45,6 +52,11 @@ class PruneOptions:
     prune_min_channels: int = option(1, "Minimum channels kept per layer.", min=1)
     prune_refit: bool | None = option(None, "Least-squares refit of consumers on --calib (default on with --calib).",
                                       cli="--prune-refit/--no-prune-refit")
+    prune_scope: str = option("all", "What a ratio prunes: all groups, only attention heads (whole heads of Q/K/V "
+                                     "and the output projection's rows), or only channels (FFN units, conv/linear "
+                                     "channels).", choices=SCOPES)
+    prune_head_ratio: float | None = option(None, "Fraction of attention heads removed per layer (default: "
+                                                  "--prune-ratio).", min=0.0, max=0.95)
     prune_ridge: float | None = option(None, "Ridge strength of the refit, relative to the mean input energy "
                                              "(default: 0.01 for layers with many rows per input, else chosen "
                                              "by cross-validation over the calibration samples).", min=0.0)
@@ -54,6 +66,8 @@ class PruneOptions:
             parse_target(self.prune_target)
         if self.prune_ratio is not None and self.prune_target is not None:
             raise InputError("prune: give either --prune-ratio or --prune-target, not both")
+        if self.prune_head_ratio is not None and self.prune_ratio is None:
+            raise InputError("prune: --prune-head-ratio needs --prune-ratio (the ratio of the other groups)")
 
 
 
@@ -102,12 +116,13 @@ class Prune(Pass):
         importance = s["importance"] or ("recon" if refit else "l1")
         if importance == "recon" and calib is None:
             raise InputError("prune: --prune-importance recon needs calibration data (--calib)")
-        report: dict[str, Any] = {"importance": importance, "round_to": s["round_to"],
+        report: dict[str, Any] = {"importance": importance, "scope": o.prune_scope, "round_to": s["round_to"],
                                   "min_channels": s["min_channels"], "refit": refit}
         timed = _Stages(report)
         ctx.progress("prune: tracing channels")
         with timed("trace"):
             an = ch.analyze(ch.traced_graph(model))
+            _limit_scope(an, o.prune_scope)
             imp = ch.importance(an, "l2" if importance == "l2" else "l1")
         select = None
         if importance == "recon":
@@ -130,7 +145,8 @@ class Prune(Pass):
                 ctx.warn(f"prune: --prune-target {kind}={frac:g} not reachable; removed {reached:.1%} "
                          "(groups that must stay whole limit it)")
         else:
-            ratios = {g.id: float(ratio) for g in an.groups if g.prunable}
+            heads = ratio if o.prune_head_ratio is None else o.prune_head_ratio
+            ratios = {g.id: float(heads if g.kind == "heads" else ratio) for g in an.groups if g.prunable}
         report["ratios"] = ratios
         with timed("select"):
             keep = ch.plan(an, ratios, imp, round_to=s["round_to"], min_channels=s["min_channels"], select=select)
@@ -168,6 +184,15 @@ class Prune(Pass):
         return PassResult(True, stats=stats, model=out, details=report,
                           notes=[f"params {before.params:,} -> {after.params:,}, "
                                  f"MACs {before.macs:,} -> {after.macs:,}"])
+
+
+def _limit_scope(an: ch.Analysis, scope: str) -> None:
+    """Groups outside --prune-scope stay whole (a reason like any other: the report names it)."""
+    if scope == "all":
+        return
+    for g in an.groups:
+        if g.prunable and (g.kind == "heads") != (scope == "heads"):
+            g.reasons.append(f"outside --prune-scope {scope}")
 
 
 class _Stages:
@@ -212,6 +237,7 @@ def _summary(r: dict[str, Any]) -> list[str]:
     width = max((len(g["group"]) for g in r.get("groups", [])), default=2)
     for g in r.get("groups", []):
         layers = ", ".join(g["layers"][:3]) + (f" (+{len(g['layers']) - 3})" if len(g["layers"]) > 3 else "")
-        state = f"skipped: {g['skipped']}" if g["skipped"] else f"{g['channels']} -> {g['kept']}"
+        unit = " heads" if g.get("kind") == "heads" else ""
+        state = f"skipped: {g['skipped']}" if g["skipped"] else f"{g['channels']} -> {g['kept']}{unit}"
         lines.append(f"  {g['group']:<{width}}  {state}  [{layers}]")
     return lines

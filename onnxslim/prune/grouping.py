@@ -53,4 +53,5 @@ def _build_groups(an: Analysis) -> None:
                 r = an.frozen.get(int(a))
                 if r is not None and r not in reasons:
                     reasons.append(r)
-        an.groups.append(Group(f"g{k}", sorted(members), units, reasons, sorted(consumers_of.get(g, set()))))
+        kind = "heads" if an.head_sources.intersection(members) else "channels"
+        an.groups.append(Group(f"g{k}", sorted(members), units, reasons, sorted(consumers_of.get(g, set())), kind))

@@ -104,7 +104,9 @@ def plan(an: Analysis, ratios: dict[str, float] | float, imp: np.ndarray, *, rou
         r = ratios if isinstance(ratios, (int, float)) else ratios.get(g.id, 0.0)
         if not g.prunable or r <= 0:
             continue
-        k = kept_count(len(g.units), float(r), round_to, min_channels)
+        # Heads are whole units already (head_dim channels each): never rounded to the conv block.
+        k = kept_count(len(g.units), float(r), 1 if g.kind == "heads" else round_to,
+                       1 if g.kind == "heads" else min_channels)
         if k < len(g.units):
             removals[g.id] = len(g.units) - k
     if select is not None and removals:

@@ -104,6 +104,7 @@ class Group:
     units: list[np.ndarray]  # atoms removed together, one array per unit
     reasons: list[str]
     consumers: list[str] = field(default_factory=list)
+    kind: str = "channels"  # "heads": units are attention heads (onnxslim.prune.attention), not rounded
 
     @property
     def prunable(self) -> bool:
@@ -201,6 +202,7 @@ class Analysis:
         self.layouts: dict[str, Layout] = {}
         self.groups: list[Group] = []
         self.node_index: dict[int, int] = {}
+        self.head_sources: set[int] = set()  # sources (Q/K/V projections) whose units are attention heads
 
     # --- atoms ------------------------------------------------------------------------------------
     @property
@@ -234,8 +236,11 @@ class Analysis:
 
 class _Tracer:
     def __init__(self, graph: gs.Graph) -> None:
+        from onnxslim.prune.attention import HeadTracker, find_heads
+
         self.g = graph
         self.an = Analysis(graph)
+        self.heads = HeadTracker(self.an, find_heads(graph))
 
     # --- helpers ----------------------------------------------------------------------------------
     def lay(self, t: gs.Tensor) -> Layout | None:
@@ -300,6 +305,9 @@ class _Tracer:
             return
         if not is_default_domain(node):
             self.freeze_inputs(node, f"custom op {node.domain}.{node.op}")
+            return
+        if i in self.heads.claimed:  # attention split/merge reshapes and the Shapes beside them
+            self.heads.visit(i, node, ins, self.set)
             return
         if node.op in WEIGHTED:
             getattr(self, f"op_{node.op}")(i, node, ins)
