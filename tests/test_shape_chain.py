@@ -161,3 +161,32 @@ def test_nonzero_or_foreign_state_is_kept():
     for m in (lstm_model(zero=False), lstm_model(zero=True, batch_from_x=False)):
         _, res = shape_pass(m)
         assert res.stats["zero_states_dropped"] == 0
+
+
+def slices_model(extra_reader: bool) -> onnx.ModelProto:
+    """x[1,3,8,8] -> Slice(axis 2, step 2) -> two Slices on axis -1 (space-to-depth style)."""
+    nodes = [h.make_node("Slice", ["x", "s0", "e", "a2", "st2"], ["h"]),
+             h.make_node("Slice", ["h", "s0", "e", "am1", "st2"], ["y0"]),
+             h.make_node("Slice", ["h", "s1", "e", "am1", "st2"], ["y1"])]
+    outs = [h.make_tensor_value_info("y0", T.FLOAT, [1, 3, 4, 4]), h.make_tensor_value_info("y1", T.FLOAT, [1, 3, 4, 4])]
+    if extra_reader:
+        nodes.append(h.make_node("Relu", ["h"], ["r"]))
+        outs.append(h.make_tensor_value_info("r", T.FLOAT, [1, 3, 4, 8]))
+    inits = [c("s0", np.array([0], np.int64)), c("s1", np.array([1], np.int64)), c("e", np.array([2**62], np.int64)),
+             c("a2", np.array([2], np.int64)), c("am1", np.array([-1], np.int64)), c("st2", np.array([2], np.int64))]
+    return make(nodes, [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])], outs, inits, opset=13)
+
+
+def test_slices_over_disjoint_axes_merge():
+    m = slices_model(extra_reader=False)
+    got, _ = onnxslim.optimize(m, validate=False)
+    assert op_histogram(got).get("Slice") == 2 and model_stats(got)["nodes"] == 2
+    f = {"x": RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    for a, b in zip(run(m, f), run(got, f)):
+        assert np.array_equal(a, b)
+
+
+def test_slice_with_another_reader_is_not_merged():
+    m = slices_model(extra_reader=True)
+    g = to_gs(onnx.shape_inference.infer_shapes(m))
+    assert load_passes()["slice-merge"]().run(g, Context()).stats["slices_merged"] == 0
