@@ -31,6 +31,8 @@ import onnx_graphsurgeon as gs
 from onnxslim.graph import const_value, graph_and_bodies, is_default_domain
 from onnxslim.manager import Context, Pass, PassResult, register
 
+_UNTRUSTED: set[str] = set()  # set per run: dim names seen on outputs of custom-domain nodes
+
 # Elements of a 1-D int tensor followed symbolically: ("c", value) | ("d", tensor, dim index) | None (unknown).
 Elem = Any
 MAX_ELEMS = 16  # shape vectors only
@@ -137,7 +139,10 @@ def _same_dim(e: Elem, t: gs.Tensor, k: int) -> bool:
     if e[1] is t and e[2] == k:
         return True
     a, b = e[1].shape[e[2]], t.shape[k] if t.shape is not None and k < len(t.shape) else None
-    return isinstance(a, str) and bool(a) and a == b
+    # onnx's generated "unk__N" names are consistent within one inference run (the shape-inference pass
+    # recomputes every entry each round), except on outputs onnx cannot infer (custom ops): those keep the
+    # model's own entries, whose names a later run may reuse for unrelated dims.
+    return isinstance(a, str) and bool(a) and a == b and a not in _UNTRUSTED
 
 
 def reshape_target(node: gs.Node) -> np.ndarray | None:
@@ -210,6 +215,10 @@ class ShapeChain(Pass):
 
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
         stats = {"reshape_targets": 0, "zero_states_dropped": 0}
+        _UNTRUSTED.clear()
+        _UNTRUSTED.update(d for g in graph_and_bodies(graph) for n in g.nodes if not is_default_domain(n)
+                          for o in n.outputs if getattr(o, "shape", None) is not None
+                          for d in o.shape if isinstance(d, str))
         for g in graph_and_bodies(graph):
             for n in g.nodes:
                 if not is_default_domain(n):
