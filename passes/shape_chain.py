@@ -5,8 +5,10 @@ Exporters write a Reshape's target as the input's own dims read back at run time
 ``Reshape(x[b,s,384], Concat(Unsqueeze(Gather(Shape(x),0)), Unsqueeze(Gather(Shape(x),1)), [12], [32]))``.
 Every element of such a target is followed symbolically (a constant, dim k of some tensor, or unknown):
 
-- dim i of the Reshape's own data input at position i becomes ``0`` (copy the input's dim). Only where the
-  Reshape copies zeros (``allowzero`` absent or 0) and no element is a literal 0 meant as a size;
+- dim i of the Reshape's own data input at position i becomes ``0`` (copy the input's dim), also when it is
+  read from another tensor whose dim has the same symbolic name (the IR's rule: one name, one size; names on
+  custom-op outputs are not trusted, their value_info may be stale). Only where the Reshape copies zeros
+  (``allowzero`` absent or 0);
 - a static dim becomes its value;
 - one element left unknown becomes ``-1`` when every other element is a nonzero constant (their product
   then divides the element count exactly, so -1 is the value the chain computed, even for empty tensors).
@@ -30,8 +32,6 @@ import onnx_graphsurgeon as gs
 
 from onnxslim.graph import const_value, graph_and_bodies, is_default_domain
 from onnxslim.manager import Context, Pass, PassResult, register
-
-_UNTRUSTED: set[str] = set()  # set per run: dim names seen on outputs of custom-domain nodes
 
 # Elements of a 1-D int tensor followed symbolically: ("c", value) | ("d", tensor, dim index) | None (unknown).
 Elem = Any
@@ -131,7 +131,7 @@ def elems(t: gs.Tensor, depth: int = 0) -> list[Elem] | None:
     return None
 
 
-def _same_dim(e: Elem, t: gs.Tensor, k: int) -> bool:
+def _same_dim(e: Elem, t: gs.Tensor, k: int, untrusted: frozenset[str] = frozenset()) -> bool:
     """Whether element ``e`` is dim ``k`` of ``t``: read from ``t`` itself, or a dim with the same named
     symbolic size (the IR spec: equal dim_param names in one model are equal sizes)."""
     if e is None or e[0] != _DIM:
@@ -142,10 +142,10 @@ def _same_dim(e: Elem, t: gs.Tensor, k: int) -> bool:
     # onnx's generated "unk__N" names are consistent within one inference run (the shape-inference pass
     # recomputes every entry each round), except on outputs onnx cannot infer (custom ops): those keep the
     # model's own entries, whose names a later run may reuse for unrelated dims.
-    return isinstance(a, str) and bool(a) and a == b and a not in _UNTRUSTED
+    return isinstance(a, str) and bool(a) and a == b and a not in untrusted
 
 
-def reshape_target(node: gs.Node) -> np.ndarray | None:
+def reshape_target(node: gs.Node, untrusted: frozenset[str] = frozenset()) -> np.ndarray | None:
     """A constant target that makes ``node`` (a Reshape) compute the same output, or None."""
     if len(node.inputs) != 2 or _int_const(node.inputs[1]) is not None or int(node.attrs.get("allowzero", 0)) != 0:
         return None
@@ -159,7 +159,7 @@ def reshape_target(node: gs.Node) -> np.ndarray | None:
             out.append(None)
         elif e[0] == _CONST:
             out.append(e[1])
-        elif _same_dim(e, data, i):
+        elif _same_dim(e, data, i, untrusted):
             out.append(0)  # a literal 0 of the old target copied the dim too (allowzero=0)
         else:
             out.append(None)
@@ -176,7 +176,7 @@ def reshape_target(node: gs.Node) -> np.ndarray | None:
     return np.array(out, dtype=np.int64)
 
 
-def _zero_state(t: gs.Tensor, node: gs.Node) -> bool:
+def _zero_state(t: gs.Tensor, node: gs.Node, untrusted: frozenset[str] = frozenset()) -> bool:
     """Whether ``t`` (an initial state of an RNN/GRU/LSTM ``node``) is all zeros of the state's full shape."""
     layout = int(node.attrs.get("layout", 0))
     dirs = 2 if node.attrs.get("direction", "forward") in ("bidirectional", b"bidirectional") else 1
@@ -203,7 +203,7 @@ def _zero_state(t: gs.Tensor, node: gs.Node) -> bool:
             return False
     es = elems(cos.inputs[0])
     return es is not None and len(es) == 3 and all(
-        e is not None and (e == w if w[0] == _CONST else _same_dim(e, w[1], w[2])) for e, w in zip(es, want))
+        e is not None and (e == w if w[0] == _CONST else _same_dim(e, w[1], w[2], untrusted)) for e, w in zip(es, want))
 
 
 @register
@@ -215,16 +215,15 @@ class ShapeChain(Pass):
 
     def run(self, graph: gs.Graph, ctx: Context) -> PassResult:
         stats = {"reshape_targets": 0, "zero_states_dropped": 0}
-        _UNTRUSTED.clear()
-        _UNTRUSTED.update(d for g in graph_and_bodies(graph) for n in g.nodes if not is_default_domain(n)
-                          for o in n.outputs if getattr(o, "shape", None) is not None
-                          for d in o.shape if isinstance(d, str))
+        untrusted = frozenset(d for g in graph_and_bodies(graph) for n in g.nodes if not is_default_domain(n)
+                              for o in n.outputs if getattr(o, "shape", None) is not None
+                              for d in o.shape if isinstance(d, str))
         for g in graph_and_bodies(graph):
             for n in g.nodes:
                 if not is_default_domain(n):
                     continue
                 if n.op == "Reshape":
-                    target = reshape_target(n)
+                    target = reshape_target(n, untrusted)
                     if target is not None:
                         name = f"{n.name or n.outputs[0].name}__target"
                         n.inputs[1] = gs.Constant(name, target)
@@ -232,7 +231,7 @@ class ShapeChain(Pass):
                 elif n.op in ("RNN", "GRU", "LSTM"):
                     slots = (5, 6) if n.op == "LSTM" else (5,)
                     for k in slots:
-                        if len(n.inputs) > k and n.inputs[k].name and _zero_state(n.inputs[k], n):
+                        if len(n.inputs) > k and n.inputs[k].name and _zero_state(n.inputs[k], n, untrusted):
                             n.inputs[k] = gs.Variable.empty()
                             stats["zero_states_dropped"] += 1
                     while n.inputs and not n.inputs[-1].name:  # trailing empty inputs are the same as none

@@ -190,3 +190,21 @@ def test_slice_with_another_reader_is_not_merged():
     m = slices_model(extra_reader=True)
     g = to_gs(onnx.shape_inference.infer_shapes(m))
     assert load_passes()["slice-merge"]().run(g, Context()).stats["slices_merged"] == 0
+
+
+def test_named_dims_of_another_tensor_count_as_equal():
+    # Reshape(y[batch, seq, 4, 6], [Shape(x)[0], Shape(x)[1], 24]) with x[batch, seq, 24]: equal dim names -> [0, 0, 24]
+    nodes, inits = [], [c("ax0", np.array([0], np.int64)), c("width", np.array([24], np.int64)),
+                        c("t4", np.array([0, 0, 4, 6], np.int64))]
+    for p, k in (("b", 0), ("s", 1)):
+        ns, k_init = dim_nodes(p, "x", k)
+        nodes += ns
+        inits.append(k_init)
+    nodes += [h.make_node("Reshape", ["x", "t4"], ["y4"]), h.make_node("Relu", ["y4"], ["r"]),
+              h.make_node("Concat", ["b_u", "s_u", "width"], ["t3"], axis=0), h.make_node("Reshape", ["r", "t3"], ["y"])]
+    m = make(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["batch", "seq", 24])],
+             [h.make_tensor_value_info("y", T.FLOAT, ["batch", "seq", 24])], inits)
+    out, res = shape_pass(m)
+    assert res.stats["reshape_targets"] == 1
+    for f in feeds_of((2, 3, 24), (1, 1, 24)):
+        assert np.array_equal(run(m, f)[0], run(out, f)[0])
