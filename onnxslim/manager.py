@@ -31,7 +31,7 @@ from onnxslim.protowalk import model_stats
 # known now), dce (what folding and inlining left dead or made a no-op), bn-fold (sees clean
 # Conv->BN chains), cse last.
 PRESETS: dict[str, list[str]] = {
-    "lossless": ["shape-inference", "fold", "inline-if", "dce", "fuse-layernorm", "fuse-gelu", "bn-fold", "cse"],
+    "lossless": ["shape-inference", "fold", "shape-chain", "slice-merge", "unroll-loop", "inline-if", "dce", "fuse-layernorm", "fuse-gelu", "bn-fold", "cse"],
 }
 MAX_ROUNDS = 5
 

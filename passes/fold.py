@@ -191,6 +191,50 @@ def _set_constant(g: gs.Graph, node: gs.Node, out: gs.Tensor, values: Any) -> No
     out.to_constant(values)
 
 
+def _runtime(t: gs.Tensor, memo: dict[int, bool]) -> bool:
+    """Whether ``t``'s values depend on a graph input's values (shapes alone do not count)."""
+    stack = [t]
+    while stack:
+        x = stack[-1]
+        if id(x) in memo:
+            stack.pop()
+            continue
+        if isinstance(x, gs.Constant) or not x.name:
+            memo[id(x)] = False
+        elif len(x.inputs) != 1:
+            memo[id(x)] = True  # a graph input (or a body input / outer name without a producer here)
+        else:
+            p = x.inputs[0]
+            if p.op in ("Shape", "Size") or (has_subgraph(p) and p.op != "If"):
+                memo[id(x)] = False  # shape-only, or a Loop/Scan (not looked into)
+            else:
+                deps = list(p.inputs)
+                if p.op == "If":  # runtime when what either branch returns there is (inlining keeps one)
+                    k = next(j for j, o in enumerate(p.outputs) if o is x)
+                    deps = [b.outputs[k] for b in (p.attrs.get("then_branch"), p.attrs.get("else_branch"))
+                            if isinstance(b, gs.Graph) and len(b.outputs) > k]
+                    if len(deps) != 2:
+                        memo[id(x)] = False
+                        stack.pop()
+                        continue
+                todo = [i for i in deps if id(i) not in memo]
+                if todo:
+                    stack.extend(todo)
+                    continue
+                memo[id(x)] = (all if p.op == "If" else any)(memo[id(i)] for i in deps)
+        stack.pop()
+    return memo[id(t)]
+
+
+def _weight_like(t: gs.Tensor, memo: dict[int, bool]) -> bool:
+    """A float tensor computed from constants only, of a static shape: its values never define a shape."""
+    try:
+        floating = t.dtype is not None and np.dtype(t.dtype).kind == "f"
+    except TypeError:
+        return False
+    return floating and static_shape(t) is not None and not _runtime(t, memo)
+
+
 @dataclass(frozen=True)
 class FoldOptions:
     fold_size_limit: str = option("4MB", "Largest tensor a fold may add, e.g. 4MB or 512KB; folds that do not grow "
@@ -219,12 +263,17 @@ class _Folder:
         inline the branch at load time, exposing shapes its checks reject although the model runs
         (onnx's own AffineGrid function body does this)."""
         stack = [n.inputs[0] for g in graphs for n in g.nodes if n.op == "If" and n.inputs and is_default_domain(n)]
+        dyn: dict[int, bool] = {}
         while stack:
             t = stack.pop()
             for p in t.inputs:
                 if id(p) not in self.protected:
                     self.protected.add(id(p))
-                    stack.extend(p.inputs)
+                    # A node reading a runtime value never folds, so its constant float inputs of static
+                    # shape cannot make the condition constant nor change a shape onnxruntime infers
+                    # (an LSTM's weight re-ordering behind Shape(LSTM(x)) folds; a Reshape's int target stays).
+                    reads_runtime = any(_runtime(i, dyn) for i in p.inputs)
+                    stack.extend(i for i in p.inputs if not (reads_runtime and _weight_like(i, dyn)))
 
     def fold_graph(self, g: gs.Graph) -> None:
         for node in list(g.nodes):
