@@ -44,10 +44,22 @@ class TensorStats:
     max_abs: float
     p999: float
     channel_max: np.ndarray  # per channel of the last axis
+    sqnr_u8: float = float("nan")  # dB: x vs x through one uint8 scale over [min, max] (static QDQ's rounding)
 
     @property
     def ratio(self) -> float:
         return float(self.max_abs / max(self.p999, 1e-12))
+
+    @property
+    def spread(self) -> float:
+        """Largest channel max over the median channel max."""
+        med = float(np.median(self.channel_max)) if self.channel_max.size else 0.0
+        return float(self.channel_max.max() / med) if med > 0 else 0.0
+
+    def has_outliers(self, ratio: float = OUTLIER_RATIO) -> bool:
+        """max/p99.9 above ``ratio``, or a channel above CHANNEL_FACTOR times the median channel: on a narrow
+        model one always-large channel is more than 0.1% of the values and lifts the p99.9 itself."""
+        return self.ratio > ratio or bool(self.outlier_channels())
 
     def outlier_channels(self) -> list[int]:
         med = float(np.median(self.channel_max)) if self.channel_max.size else 0.0
@@ -57,11 +69,25 @@ class TensorStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {"tensor": self.name, "max_abs": round(self.max_abs, 4), "p99_9": round(self.p999, 4),
-                "ratio": round(self.ratio, 2), "outlier_channels": self.outlier_channels()[:8]}
+                "ratio": round(self.ratio, 2),
+                "channel_spread": round(self.spread, 2),
+                "sqnr_u8_db": None if np.isnan(self.sqnr_u8) else round(self.sqnr_u8, 2), "outlier_channels": self.outlier_channels()[:8]}
 
 
 def _initializers(model: ModelProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in model.graph.initializer}
+
+
+def _constants(model: ModelProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and the outputs of Constant nodes with a tensor value (raw exports keep GELU's and
+    LayerNorm's small constants as Constant nodes)."""
+    out = _initializers(model)
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output:
+            a = next((a for a in n.attribute if a.name == "value"), None)
+            if a is not None:
+                out[n.output[0]] = a.t
+    return out
 
 
 def _consumers(model: ModelProto) -> dict[str, list[onnx.NodeProto]]:
@@ -92,27 +118,49 @@ def collect_stats(model: ModelProto, batches: Iterable[dict[str, np.ndarray]], t
     inputs = {i.name for i in sess.get_inputs()}
     rng = np.random.default_rng(seed)
     mx: dict[str, float] = {}
+    lo: dict[str, float] = {}
+    hi: dict[str, float] = {}
     chan: dict[str, np.ndarray] = {}
     samples: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
     for batch in batches:
         outs = sess.run(tensors, {k: v for k, v in batch.items() if k in inputs})
         for t, v in zip(tensors, outs):
-            a = np.abs(np.asarray(v, np.float32))
-            if a.size == 0:
+            x = np.asarray(v, np.float32)
+            if x.size == 0:
                 continue
+            a = np.abs(x)
             flat = a.reshape(-1, a.shape[-1]) if a.ndim >= 1 else a.reshape(1, 1)
             c = flat.max(0)
             chan[t] = c if t not in chan or chan[t].shape != c.shape else np.maximum(chan[t], c)
             mx[t] = max(mx.get(t, 0.0), float(c.max()))
-            r = a.reshape(-1)
+            lo[t], hi[t] = min(lo.get(t, 0.0), float(x.min())), max(hi.get(t, 0.0), float(x.max()))
+            r = x.reshape(-1)
             samples[t].append(r if r.size <= SAMPLE_PER_BATCH else rng.choice(r, SAMPLE_PER_BATCH, replace=False))
-    return {t: TensorStats(t, mx[t], float(np.percentile(np.concatenate(samples[t]), 99.9)), chan[t])
-            for t in tensors if t in mx}
+    out = {}
+    for t in tensors:
+        if t not in mx:
+            continue
+        vals = np.concatenate(samples[t])
+        out[t] = TensorStats(t, mx[t], float(np.percentile(np.abs(vals), 99.9)), chan[t], _sqnr_u8(vals, lo[t], hi[t]))
+    return out
+
+
+def _sqnr_u8(x: np.ndarray, lo: float, hi: float) -> float:
+    """SQNR in dB of ``x`` quantized to uint8 with the MinMax range [lo, hi] (zero included), as
+    onnxruntime's static QDQ does with one scale per activation tensor."""
+    scale = (hi - lo) / 255.0
+    if scale <= 0:
+        return 120.0
+    zp = np.round(-lo / scale)
+    q = (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
+    sig, noise = float(np.sum(x.astype(np.float64) ** 2)), float(np.sum((x - q).astype(np.float64) ** 2))
+    return float(min(120.0, 10 * np.log10(max(sig, 1e-30) / max(noise, 1e-30))))
 
 
 def outliers(stats: dict[str, TensorStats], ratio: float = OUTLIER_RATIO) -> list[TensorStats]:
-    """Tensors whose max / p99.9 exceeds ``ratio``, worst first."""
-    return sorted((s for s in stats.values() if s.ratio > ratio), key=lambda s: -s.ratio)
+    """Tensors with outliers (``TensorStats.has_outliers``), the one furthest past either threshold first."""
+    return sorted((s for s in stats.values() if s.has_outliers(ratio)),
+                  key=lambda s: -max(s.ratio / ratio, s.spread / CHANNEL_FACTOR))
 
 
 @dataclass
@@ -152,7 +200,7 @@ def smooth(model: ModelProto, stats: dict[str, TensorStats], alpha: float = 0.5,
     the sites whose tensor is in ``only``), and one record per site: how the scale was applied
     ('folded into <node>' or 'Mul inserted'), the activation max before/after."""
     m = copy.deepcopy(model)
-    inits = _initializers(m)
+    inits = _constants(m)
     producer = {o: n for n in m.graph.node for o in n.output}
     consumers = _consumers(m)
     by_name = {n.name: n for n in m.graph.node}
@@ -205,7 +253,7 @@ def smooth(model: ModelProto, stats: dict[str, TensorStats], alpha: float = 0.5,
             new_nodes.append((producer.get(site.tensor), mul))
             how = "Mul inserted (the tensor has other readers)"
         after = float((a / s).max()) if a.size else 0.0
-        records.append({"tensor": site.tensor, "matmuls": site.matmuls, "applied": how,
+        records.append({"tensor": site.tensor, "input": mms[0].input[0], "matmuls": site.matmuls, "applied": how,
                         "act_max_before": round(float(a.max()), 4), "act_max_after": round(after, 4),
                         "channel_spread_before": round(float(a.max() / max(np.median(a), 1e-12)), 2),
                         "channel_spread_after": round(float(after / max(np.median(a / s), 1e-12)), 2)})
@@ -217,6 +265,10 @@ def smooth(model: ModelProto, stats: dict[str, TensorStats], alpha: float = 0.5,
         del m.graph.node[:]
         m.graph.node.extend(nodes)
     read = {t for n in m.graph.node for t in n.input}
+    outputs = {o.name for o in m.graph.output}
+    dead = [n for n in m.graph.node if n.op_type == "Constant" and n.output[0] not in read | outputs]
+    for n in dead:  # the constants replaced by their smoothed copies
+        m.graph.node.remove(n)
     keep = [t for t in m.graph.initializer if t.name in read or t.name in {o.name for o in m.graph.output}]
     if len(keep) != len(m.graph.initializer):  # the weights replaced by their smoothed copies
         del m.graph.initializer[:]
