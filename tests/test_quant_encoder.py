@@ -112,6 +112,7 @@ def _cli(args: list[str], cwd) -> subprocess.CompletedProcess:
                           env={**__import__("os").environ, "ONNXSLIM_QUANT_LATENCY_SECONDS": "0.1"})
 
 
+@pytest.mark.slow  # ~20 s: the whole CLI pipeline with its fallback
 def test_static_int8_meets_its_gate_or_refuses_naming_tensors(tmp_path):
     out = tmp_path / "bert_int8.onnx"
     p = _cli([str(BERT), str(out), "--passes", "lossless,quantize-static", "--calib", str(CALIB),
@@ -140,6 +141,7 @@ def _assert_refusal(p: subprocess.CompletedProcess, out) -> None:
     assert not out.exists()
 
 
+@pytest.mark.slow  # ~20 s: the fallback runs until every MatMul is float
 def test_static_int8_refuses_an_unreachable_gate_with_tensor_names(tmp_path):
     out = tmp_path / "bert_int8.onnx"
     p = _cli([str(BERT), str(out), "--passes", "lossless,quantize-static", "--calib", str(CALIB),
