@@ -149,3 +149,24 @@ def test_static_int8_refuses_an_unreachable_gate_with_tensor_names(tmp_path):
     assert p.returncode == 1, p.stderr[-2000:]
     _assert_refusal(p, out)
     assert list(tmp_path.iterdir()) == []  # nothing written, no stray files of onnxruntime's helpers
+
+
+def test_lossy_gate_judges_real_tokens_only():
+    from onnxslim.validate import _real_tokens
+
+    rng = np.random.default_rng(0)
+    mask = np.ones((4, 6), np.int64)
+    mask[1:, 4:] = 0
+    a = rng.standard_normal((4, 6, 8)).astype(np.float32)
+    pooled = rng.standard_normal((4, 8)).astype(np.float32)
+    b = a.copy()
+    b[~mask.astype(bool)] *= -1  # padded positions changed completely: read by nothing
+    (ra, pa), (rb, pb) = _real_tokens({"attention_mask": mask}, [a, pooled], [b, pooled])
+    np.testing.assert_array_equal(ra, rb)
+    assert ra.shape == (int(mask.sum()), 8) and pa.shape == pooled.shape
+    b[0, 0] += 1.0  # a real token changed: still seen
+    (ra, _), (rb, _) = _real_tokens({"attention_mask": mask}, [a, pooled], [b, pooled])
+    assert not np.array_equal(ra, rb)
+    # no mask input, or a mask without padding: outputs compared whole
+    assert _real_tokens({}, [a], [b])[0][0] is a
+    assert _real_tokens({"attention_mask": np.ones((4, 6), np.int64)}, [a], [b])[0][0] is a
