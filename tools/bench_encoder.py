@@ -51,10 +51,11 @@ sys.path.insert(0, str(TOOLS))
 # --force, to measure what a refused result would have been
 ROWS = ["original", "lossless", "lossless+quantize-dynamic", "ort-dynamic-per-tensor", "ort-dynamic-per-channel"]
 OPTIONAL_ROWS = ["lossless+quantize-static", "lossless+prune"]
-# Quantization rows (their own list): onnxslim's two INT8 passes, then onnxruntime's own tools on the lossless
+# Quantization rows (their own list): onnxslim's two INT8 passes (at the default gate, and dynamic at
+# --min-cosine 0.98 -- 'PIPELINE~X' sets --min-cosine X), then onnxruntime's own tools on the lossless
 # model: quantize_static with its defaults (QDQ u8/s8, every op type), per-channel MatMul-only, and its
 # SmoothQuant option (needs neural-compressor's ONNX adaptor: the row shows why when it cannot run).
-QUANT_ROWS = ["lossless+quantize-dynamic", "lossless+quantize-static", "ort-dynamic-per-tensor",
+QUANT_ROWS = ["lossless+quantize-dynamic", "lossless+quantize-dynamic~0.98", "lossless+quantize-static", "ort-dynamic-per-tensor",
               "ort-dynamic-per-channel", "ort-static", "ort-static-matmul-per-channel", "ort-static-smoothquant"]
 
 SUBJECTS = ["the old man", "a young woman", "my neighbour", "the teacher", "a small child", "the doctor", "our team",
@@ -198,8 +199,10 @@ def onnxslim_row(src: Path, dst: Path, passes: str, calib: Path, work: Path) -> 
     """Run the onnxslim CLI in an empty folder (onnxruntime helpers may leave files in the working directory)."""
     cli = [sys.executable, "-c", "import sys; from onnxslim.cli import main; sys.exit(main())"]  # this interpreter's
     force = passes.endswith("!")
-    cmd = cli + [str(src), str(dst), "--passes", passes.rstrip("!"), "--quiet"] + (["--force"] if force else [])
-    if passes.rstrip("!") != "lossless":
+    passes, _, gate = passes.rstrip("!").partition("~")  # 'pipeline~0.98': --min-cosine 0.98
+    cmd = cli + [str(src), str(dst), "--passes", passes, "--quiet"] + (["--force"] if force else [])
+    cmd += ["--min-cosine", gate] if gate else []
+    if passes != "lossless":
         cmd += ["--calib", str(calib)]
         if "prune" in passes:
             cmd += ["--prune-ratio", "0.3"]
