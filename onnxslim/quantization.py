@@ -16,6 +16,12 @@ onnxruntime's tool quantizes well but leaves gaps that this module closes:
   and moves the nodes that lose the most signal back to float until the accuracy gate passes. The
   signal loss is qdq_loss_debug's SQNR, averaged per channel so that an outlier channel cannot hide it.
 
+Transformer encoders get their own start (``encoder_static_prepare``, ``encoder_dynamic_defaults``): static
+INT8 reports the outlier tensors found in the calibration statistics, applies SmoothQuant (onnxslim.smoothquant)
+where it raises the measured INT8 SQNR of a MatMul input, keeps the residual stream and the MatMul inputs that
+still quantize badly in float and ranks the fallback by that SQNR; dynamic INT8 starts from s8 per-channel
+weights with the embedding tables, and on AVX2 tries u8 weights before any MatMul goes back to float.
+
 Every temporary file (and whatever onnxruntime's helpers write into the working directory) lives in a
 private folder removed on every exit path (``private_workdir``). The passes (quantize-static,
 quantize-dynamic) turn the typed ``QuantOutcome`` of ``quantize_pass`` into a PassResult.
@@ -1007,9 +1013,12 @@ def encoder_static_prepare(model: ModelProto, cfg: QuantConfig, fixed: set[str],
     """Static INT8 of a transformer encoder: outlier report from calibration statistics, SmoothQuant on
     every MatMul input with a constant weight, the residual stream and attention-score MatMuls in float.
 
-    All-MiniLM-L6-v2 (onnxruntime static QDQ, u8 activations, s8 per-channel weights): every op type
-    quantized, min cosine 0.15 (the residual Adds carry |x| 223 where p99.9 is 8.4); MatMul only 0.894;
-    + SmoothQuant 0.901; + the FFN down projections in float 0.987. The float fallback finds the last."""
+    All-MiniLM-L6-v2 (onnxruntime static QDQ, u8 activations, s8 per-channel weights; min cosine of sentence
+    embeddings): every op type quantized 0.15 (the residual Adds carry |x| 223 where p99.9 is 8.4);
+    MatMul only 0.894; + SmoothQuant everywhere 0.901; the six FFN down projections in float 0.987. Their
+    inputs (GELU outputs) are the worst sites by INT8 SQNR (18.7-26 dB, all others >= 24 dB after smoothing),
+    and SmoothQuant lowers it there (18.7 -> 16.2 dB), so it is applied per site where it helps. Result
+    through this path: 0.995, NN agreement 100%, file 0.77x, 0.72x/0.76x latency at batch 1/16 (AVX2)."""
     from onnxslim import smoothquant as sq
 
     if not is_encoder(model):
