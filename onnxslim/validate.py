@@ -601,9 +601,15 @@ def _real_tokens(inputs: dict[str, np.ndarray], outs_a: list, outs_b: list) -> t
     mask = inputs.get("attention_mask")
     if mask is None or mask.ndim != 2 or mask.dtype.kind not in "iub" or mask.all() or not mask.any():
         return outs_a, outs_b
-    keep = mask.astype(bool)
-    pairs = [(a[keep], b[keep]) if (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.ndim >= 2
-                                   and a.shape[:2] == mask.shape and b.shape == a.shape) else (a, b)
+    pad = ~mask.astype(bool)
+
+    def zero_pad(x: np.ndarray) -> np.ndarray:  # shapes kept: which outputs are class scores depends on rank
+        x = x.copy()
+        x[pad] = 0
+        return x
+
+    pairs = [(zero_pad(a), zero_pad(b)) if (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.ndim >= 2
+                                          and a.shape[:2] == mask.shape and b.shape == a.shape) else (a, b)
              for a, b in zip(outs_a, outs_b)]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
