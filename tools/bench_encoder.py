@@ -51,6 +51,12 @@ sys.path.insert(0, str(TOOLS))
 # --force, to measure what a refused result would have been
 ROWS = ["original", "lossless", "lossless+quantize-dynamic", "ort-dynamic-per-tensor", "ort-dynamic-per-channel"]
 OPTIONAL_ROWS = ["lossless+quantize-static", "lossless+prune"]
+# Quantization rows (their own list): onnxslim's two INT8 passes (at the default gate, and dynamic at
+# --min-cosine 0.98 -- 'PIPELINE~X' sets --min-cosine X), then onnxruntime's own tools on the lossless
+# model: quantize_static with its defaults (QDQ u8/s8, every op type), per-channel MatMul-only, and its
+# SmoothQuant option (needs neural-compressor's ONNX adaptor: the row shows why when it cannot run).
+QUANT_ROWS = ["lossless+quantize-dynamic", "lossless+quantize-dynamic~0.98", "lossless+quantize-static", "ort-dynamic-per-tensor",
+              "ort-dynamic-per-channel", "ort-static", "ort-static-matmul-per-channel", "ort-static-smoothquant"]
 
 SUBJECTS = ["the old man", "a young woman", "my neighbour", "the teacher", "a small child", "the doctor", "our team",
             "the chef", "a tourist", "the pilot", "my sister", "the farmer", "a student", "the police officer",
@@ -193,8 +199,10 @@ def onnxslim_row(src: Path, dst: Path, passes: str, calib: Path, work: Path) -> 
     """Run the onnxslim CLI in an empty folder (onnxruntime helpers may leave files in the working directory)."""
     cli = [sys.executable, "-c", "import sys; from onnxslim.cli import main; sys.exit(main())"]  # this interpreter's
     force = passes.endswith("!")
-    cmd = cli + [str(src), str(dst), "--passes", passes.rstrip("!"), "--quiet"] + (["--force"] if force else [])
-    if passes.rstrip("!") != "lossless":
+    passes, _, gate = passes.rstrip("!").partition("~")  # 'pipeline~0.98': --min-cosine 0.98
+    cmd = cli + [str(src), str(dst), "--passes", passes, "--quiet"] + (["--force"] if force else [])
+    cmd += ["--min-cosine", gate] if gate else []
+    if passes != "lossless":
         cmd += ["--calib", str(calib)]
         if "prune" in passes:
             cmd += ["--prune-ratio", "0.3"]
@@ -257,6 +265,51 @@ def ort_dynamic_row(src: Path, dst: Path, per_channel: bool, work: Path) -> tupl
     return ok, msg, time.perf_counter() - t0
 
 
+def ort_static_row(src: Path, dst: Path, variant: str, calib: Path, work: Path) -> tuple[bool, str, float]:
+    """onnxruntime's quantize_static on ``src`` (the row's variant), calibrated on the same sentences as onnxslim."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    data = dict(np.load(calib))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.i = 0
+
+        def get_next(self):
+            n = len(data["input_ids"])
+            if self.i >= n:
+                return None
+            self.i += 8
+            return {k: v[self.i - 8:self.i] for k, v in data.items()}
+
+        def rewind(self) -> None:
+            self.i = 0
+
+        def __iter__(self):
+            self.rewind()
+            while (b := self.get_next()) is not None:
+                yield b
+
+    kw: dict = {}
+    if variant != "ort-static":
+        kw = dict(per_channel=True, op_types_to_quantize=["MatMul"])
+    if variant == "ort-static-smoothquant":
+        kw = dict(per_channel=True, extra_options={"SmoothQuant": True, "SmoothQuantAlpha": 0.5})
+    t0 = time.perf_counter()
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, **kw)
+        ok, msg = True, "written"
+    except Exception as e:  # noqa: BLE001 - a row that fails is a result
+        cause = e.__cause__ or e
+        ok, msg = False, f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"[:200]
+    finally:
+        os.chdir(cwd)
+    return ok, msg, time.perf_counter() - t0
+
+
 def latency(original: Path, candidate: Path, feeds_by_batch: dict[int, dict[str, np.ndarray]], repeats: int,
             seconds: float) -> dict[int, tuple[float, float]]:
     """{batch: (candidate ms, ratio to the original)}: one thread, interleaved pairs, median over repeats.
@@ -272,6 +325,14 @@ def latency(original: Path, candidate: Path, feeds_by_batch: dict[int, dict[str,
             got[b].append(paired_latency(sa, sb, feeds, seconds=seconds))
         del sa, sb
     return {b: (float(np.median([g[1] for g in v])), float(np.median([g[2] for g in v]))) for b, v in got.items()}
+
+
+def lossless_input(src: Path, work: Path) -> Path:
+    """onnxslim's lossless output of ``src`` (made once): what onnxruntime's static rows quantize, as onnxslim does."""
+    out = work / "lossless-input.onnx"
+    if not out.exists():
+        onnxslim_row(src, out, "lossless", work / "unused.npz", work)
+    return out if out.exists() else src
 
 
 def node_count(path: Path) -> int:
@@ -342,6 +403,8 @@ def bench(args: argparse.Namespace) -> list[dict]:
                 ok, status, secs = prune_row(src, dst, name, task, work)
             elif name.startswith("ort-dynamic"):
                 ok, status, secs = ort_dynamic_row(src, dst, name.endswith("channel"), work)
+            elif name.startswith("ort-static"):
+                ok, status, secs = ort_static_row(lossless_input(src, work), dst, name, calib, work)
             else:
                 ok, status, secs = onnxslim_row(src, dst, name.replace("+", ","), calib, work)
             row = {"name": name if name.startswith(("original", "ort")) else f"onnxslim {name}", "status": status,
@@ -404,7 +467,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokenizer", help="tokenizer.json (default: beside --model)")
     ap.add_argument("--opset", type=int, help="move the export to this opset first (onnx.version_converter)")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated; onnxslim pipelines joined by '+'; "
-                    f"e.g. {','.join(ROWS + OPTIONAL_ROWS)}; prune rows: {','.join(PRUNE_ROWS)}")
+                    f"e.g. {','.join(ROWS + OPTIONAL_ROWS)}; prune rows: {','.join(PRUNE_ROWS)}; "
+                    f"--rows quant = {','.join(QUANT_ROWS)}")
     ap.add_argument("--sentences", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3, help="latency: paired measurements per batch size")
     ap.add_argument("--seconds", type=float, default=1.5, help="latency: seconds per paired measurement")
@@ -416,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"bert_tiny, onnxruntime 1 thread, paired interleaved (median of {args.repeats}); {machine()}\n")
         print(bench_tiny(args))
         return
-    args.rows = args.rows.split(",")
+    args.rows = ["original"] + QUANT_ROWS if args.rows == "quant" else args.rows.split(",")
     rows = bench(args)
     header = (f"all-MiniLM-L6-v2 ({Path(args.model).name}{f', opset {args.opset}' if args.opset else ''}), "
               f"{args.sentences} sentences + {args.sentences} perturbed copies; latency ratio to the original, "

@@ -1,0 +1,173 @@
+"""Static INT8 for BERT-family encoders (models/bert_tiny.onnx): calibration outlier statistics, SmoothQuant
+migration (lossless in float), and the gate: meet it or refuse naming the tensors that broke it.
+
+Nothing here asserts a latency or a result that depends on the CPU's INT8 kernels: only float equality,
+what the statistics find, and the exit contract."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import onnxslim.quantization as q
+from onnxslim import smoothquant as sq
+from onnxslim.api import optimize
+from quant_helpers import MODELS, quant_details, run
+
+BERT, CALIB = MODELS / "bert_tiny.onnx", MODELS / "bert_calib.npz"
+
+
+@pytest.fixture(autouse=True)
+def quick_timing(monkeypatch):
+    monkeypatch.setattr(q, "LATENCY_SECONDS", 0.1)
+
+
+def _calib() -> dict[str, np.ndarray]:
+    d = np.load(CALIB)
+    return {k: d[k] for k in d.files}
+
+
+def _batches(data: dict[str, np.ndarray], size: int = 16):
+    n = len(next(iter(data.values())))
+    return ({k: v[i:i + size] for k, v in data.items()} for i in range(0, n, size))
+
+
+def _stats(model: onnx.ModelProto) -> dict[str, sq.TensorStats]:
+    return sq.collect_stats(model, _batches(_calib()), [s.tensor for s in sq.sites(model)])
+
+
+def _with_outlier_channel(channel: int = 5, factor: float = 60.0) -> tuple[onnx.ModelProto, str]:
+    """bert_tiny with one channel of the embedding LayerNorm's gamma scaled up: its output (read by the
+    first layer's Q/K/V projections) gets the outlier channel real encoders have."""
+    m = onnx.load(str(BERT))
+    gamma = "embeddings.LayerNorm.weight"
+    init = next(t for t in m.graph.initializer if t.name == gamma)
+    g = numpy_helper.to_array(init).copy()
+    g[channel] *= factor
+    init.CopyFrom(numpy_helper.from_array(g, gamma))
+    mul = next(n for n in m.graph.node if gamma in n.input)
+    ln_out = next(n for n in m.graph.node if mul.output[0] in n.input).output[0]  # Add(Mul(., gamma), beta)
+    return m, ln_out
+
+
+def test_smoothquant_keeps_float_outputs():
+    m = onnx.load(str(BERT))
+    stats = _stats(m)
+    smoothed, records = sq.smooth(m, stats, alpha=0.5)
+    assert len(records) == len(sq.sites(m)) >= 8  # Q/K/V, attention output, FFN up and down of both layers
+    assert any(r["applied"].startswith("folded") for r in records)  # GELU's constant factor takes the scale
+    assert any(r["applied"].startswith("Mul") for r in records)  # post-LN: LayerNorm output also feeds the residual
+    assert any(abs(r["act_max_after"] - r["act_max_before"]) > 1e-3 for r in records)  # it did move something
+    changed = {t.name for t in smoothed.graph.initializer} - {t.name for t in m.graph.initializer}
+    assert changed, "no weight was rewritten"
+    onnx.checker.check_model(smoothed)
+    feeds = _calib()
+    for a, b in zip(run(m, feeds), run(smoothed, feeds)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
+
+
+def test_smoothquant_flattens_an_outlier_channel_and_stays_lossless():
+    m, ln_out = _with_outlier_channel()
+    stats = _stats(m)
+    smoothed, records = sq.smooth(m, stats, alpha=0.5)
+    rec = next(r for r in records if r["tensor"] == ln_out)
+    assert rec["channel_spread_after"] < rec["channel_spread_before"] / 3
+    feeds = _calib()
+    for a, b in zip(run(m, feeds), run(smoothed, feeds)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
+
+
+def test_injected_outlier_channel_is_detected():
+    clean = _stats(onnx.load(str(BERT)))
+    m, ln_out = _with_outlier_channel(channel=11)
+    stats = _stats(m)
+    assert ln_out not in {s.name for s in sq.outliers(clean)} and clean[ln_out].outlier_channels() == []
+    found = {s.name: s for s in sq.outliers(stats)}
+    assert ln_out in found and found[ln_out].outlier_channels() == [11]
+    assert found[ln_out].spread > 5 * clean[ln_out].spread
+    # bert_tiny's later LayerNorms carry the outlier channels it was built with (5 and 37): found, not invented
+    assert all(set(s.outlier_channels()) <= {5, 11, 37} for s in found.values())
+
+
+def test_injected_outlier_is_reported_by_quantize_static(tmp_path):
+    m, ln_out = _with_outlier_channel(channel=11)
+    _, report = optimize(m, None, passes="quantize-static", latency=False, force=True,
+                         options={"calib": str(CALIB), "objective": "size", "min_cosine": 0.9})
+    d = quant_details(report)
+    enc = d["encoder"]
+    assert enc is not None and any(o["tensor"] == ln_out and 11 in o["outlier_channels"] for o in enc["outliers"])
+    assert any(r["tensor"] == ln_out for r in enc["smoothing"])
+    assert any(n.startswith("outliers: ") and "median channel" in n for n in d["notes"])
+    # the residual stream stays float: nothing but MatMul/Gemm inputs is quantized
+    assert set(d["settings"]["op_types"]) <= {"MatMul", "Gemm"}
+
+
+def _cli(args: list[str], cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "onnxslim.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**__import__("os").environ, "ONNXSLIM_QUANT_LATENCY_SECONDS": "0.1"})
+
+
+@pytest.mark.slow  # ~20 s: the whole CLI pipeline with its fallback
+def test_static_int8_meets_its_gate_or_refuses_naming_tensors(tmp_path):
+    out = tmp_path / "bert_int8.onnx"
+    p = _cli([str(BERT), str(out), "--passes", "lossless,quantize-static", "--calib", str(CALIB),
+              "--objective", "size", "--min-cosine", "0.98"], tmp_path)
+    assert p.returncode in (0, 1), p.stderr[-2000:]
+    if p.returncode == 0:
+        assert out.exists()
+        m = onnx.load(str(out))
+        assert any(n.op_type == "QuantizeLinear" for n in m.graph.node)
+        feeds = _calib()
+        for a, b in zip(run(BERT, feeds), run(m, feeds)):
+            a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+            cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+            assert cos.mean() >= 0.97
+    else:
+        _assert_refusal(p, out)
+
+
+def _assert_refusal(p: subprocess.CompletedProcess, out) -> None:
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("onnxslim: error:")]
+    assert len(errors) == 1, p.stderr[-2000:]
+    assert "worst quantized:" in errors[0] and " dB" in errors[0]
+    names = {n.name for n in onnx.load(str(BERT)).graph.node}
+    named = errors[0].split("worst quantized:")[1]
+    assert any(n in named for n in names if "MatMul" in n or "Gemm" in n)
+    assert not out.exists()
+
+
+@pytest.mark.slow  # ~20 s: the fallback runs until every MatMul is float
+def test_static_int8_refuses_an_unreachable_gate_with_tensor_names(tmp_path):
+    out = tmp_path / "bert_int8.onnx"
+    p = _cli([str(BERT), str(out), "--passes", "lossless,quantize-static", "--calib", str(CALIB),
+              "--objective", "size", "--min-cosine", "0.9999999"], tmp_path)
+    assert p.returncode == 1, p.stderr[-2000:]
+    _assert_refusal(p, out)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no stray files of onnxruntime's helpers
+
+
+def test_lossy_gate_judges_real_tokens_only():
+    from onnxslim.validate import _real_tokens
+
+    rng = np.random.default_rng(0)
+    mask = np.ones((4, 6), np.int64)
+    mask[1:, 4:] = 0
+    a = rng.standard_normal((4, 6, 8)).astype(np.float32)
+    pooled = rng.standard_normal((4, 8)).astype(np.float32)
+    b = a.copy()
+    b[~mask.astype(bool)] *= -1  # padded positions changed completely: read by nothing
+    (ra, pa), (rb, pb) = _real_tokens({"attention_mask": mask}, [a, pooled], [b, pooled])
+    np.testing.assert_array_equal(ra, rb)
+    assert ra.shape == a.shape and pa.shape == pooled.shape  # ranks kept (score-output detection reads them)
+    np.testing.assert_array_equal(ra[mask.astype(bool)], a[mask.astype(bool)])
+    b[0, 0] += 1.0  # a real token changed: still seen
+    (ra, _), (rb, _) = _real_tokens({"attention_mask": mask}, [a, pooled], [b, pooled])
+    assert not np.array_equal(ra, rb)
+    # no mask input, or a mask without padding: outputs compared whole
+    assert _real_tokens({}, [a], [b])[0][0] is a
+    assert _real_tokens({"attention_mask": np.ones((4, 6), np.int64)}, [a], [b])[0][0] is a
