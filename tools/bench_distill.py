@@ -185,7 +185,9 @@ def cpu() -> str:
 
 
 def weight_bytes(m: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) or t.ByteSize() for t in m.graph.initializer)
+    """Initializers plus Constant-node tensors (the PP-OCR files keep their weights in Constant nodes)."""
+    consts = [a.t for n in m.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    return sum(len(t.raw_data) or t.ByteSize() for t in list(m.graph.initializer) + consts)
 
 
 def top1(m: onnx.ModelProto | str, s: Subject) -> np.ndarray:
