@@ -307,3 +307,40 @@ def test_mse_output_time_limit_and_never_worse() -> None:
     assert o.stopped == "time" and 0 < o.steps < 100000
     assert o.outputs == {"output": "mse"} and o.after.loss <= o.before.loss
     assert 0.0 < o.after.cosine <= 1.0 + 1e-9 and o.after.top1 is None
+
+
+@pytest.mark.slow
+def test_gate_judges_the_prune_distill_chain(tmp_path: Path) -> None:
+    """With distill after prune, the run's gate judges the chain's result, not prune's: a prune that alone
+    misses the accuracy gate is written once distillation brings the pipeline's result back within it."""
+    out = tmp_path / "d.onnx"
+    _, report = optimize(str(MODELS / "digits_cnn.onnx"), out, passes="lossless,prune,distill", inputs=str(TEST),
+                         max_acc_drop=4.5, options={"prune_ratio": 0.7, "calib": CALIB, "latency": False,
+                                                    "distill_steps": 60})
+    stages = {s["name"]: s for s in report.stages}
+    base = stages["original"]["accuracy"]
+    assert base - stages["prune"]["accuracy"] > 4.5  # prune alone would be refused
+    assert report.validation["passed"] and out.exists() and report.written
+    assert base - report.validation["accuracy_after"] <= 4.5
+    assert stages["distill"]["accuracy"] > stages["prune"]["accuracy"]
+
+
+def test_text_direction_task_is_labelled_by_construction() -> None:
+    """The PP-OCR cls benchmark's task (tools/bench_distill.py): rendered lines, label 1 = rotated 180 degrees.
+    The original classifier must solve it (else agreement and accuracy would measure nothing), and the data
+    must be reproducible from its seed."""
+    pytest.importorskip("PIL")
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_distill
+
+    try:
+        model = bench_distill.ppocr_cls_model()
+    except SystemExit as e:
+        pytest.skip(str(e))
+    x, y = bench_distill.text_direction_task(120, 3)
+    x2, y2 = bench_distill.text_direction_task(120, 3)
+    assert x.shape == (120, 3, 48, 192) and x.dtype == np.float32 and np.array_equal(x, x2) and np.array_equal(y, y2)
+    assert 30 < y.sum() < 90 and -1.0 <= x.min() and x.max() <= 1.0
+    pred = _session(model).run(None, {"x": x})[0].argmax(1)
+    assert (pred == y).mean() > 0.9
+    assert (pred == 1 - y).mean() < 0.1  # flipping the label flips the task: the label is the rotation
