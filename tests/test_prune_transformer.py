@@ -150,6 +150,10 @@ def inferred_counts(model: onnx.ModelProto) -> onnx.ModelProto:
             cat = n.inputs[1].inputs[0]
             k = 2 if len(cat.inputs) == 4 else len(cat.inputs) - 1
             cat.inputs[k] = gs.Constant(f"{cat.name}_minus_one", np.array([-1], np.int64))
+        elif n.op == "Reshape" and "/attention/self/" in n.name and isinstance(n.inputs[1], gs.Constant):
+            target = np.array(n.inputs[1].values, dtype=np.int64)  # shape-chain made it [0, 0, H, D] / [0, 0, H*D]
+            target[2 if target.size == 4 else target.size - 1] = -1
+            n.inputs[1] = gs.Constant(f"{n.name}_target_minus_one", target)
     out = gs.export_onnx(g)
     out.opset_import[0].version = model.opset_import[0].version
     return out
