@@ -792,19 +792,26 @@ class QuantSearch:
             current = best
         return best if best is not None else first
 
+    def _try_form(self, form: QuantConfig, change: str) -> Candidate | None:
+        """One untimed fallback candidate, recorded as a step; None (and noted) when onnxruntime fails on it:
+        one failing form must not end the fallback."""
+        try:
+            alt = self.evaluate(form, timed=False)
+        except Exception as e:  # noqa: BLE001
+            self.failed.append(f"{form.label()}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            return None
+        self.fallback_steps.append({"step": 0, "change": change, "form": form.label(), "moved_to_float": [],
+                                    "ranking": [], "quality": alt.quality.to_dict(), "metric": alt.quality.summary()})
+        return alt
+
     def fallback(self, cand: Candidate, data: CalibrationData) -> Candidate:
         """Move the nodes that lose the most signal back to float, a few at a time, until the gate passes."""
         self.before_fallback = cand
         for form in self.accuracy_forms:
             self.progress(f"accuracy fallback: {form.label()}")
-            try:
-                alt = self.evaluate(form, timed=False)
-            except Exception as e:  # noqa: BLE001 - one failing form must not end the fallback
-                self.failed.append(f"{form.label()}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            alt = self._try_form(form, "another INT8 form")
+            if alt is None:
                 continue
-            self.fallback_steps.append({"step": 0, "change": "another INT8 form", "form": form.label(),
-                                        "moved_to_float": [], "ranking": [], "quality": alt.quality.to_dict(),
-                                        "metric": alt.quality.summary()})
             if alt.quality.score() > cand.quality.score():
                 cand = alt
             if cand.quality.passed:
@@ -814,14 +821,9 @@ class QuantSearch:
             best_pc = None
             for form in per_channel_forms(cand.cfg, self.fixed):
                 self.progress(f"accuracy fallback: per-channel weights ({form.label()})")
-                try:
-                    pc = self.evaluate(form, timed=False)
-                except Exception as e:  # noqa: BLE001 - one failing form must not end the fallback
-                    self.failed.append(f"{form.label()}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                pc = self._try_form(form, "per-channel weights")
+                if pc is None:
                     continue
-                self.fallback_steps.append({"step": 0, "change": "per-channel weights", "form": form.label(),
-                                            "moved_to_float": [], "ranking": [], "quality": pc.quality.to_dict(),
-                                            "metric": pc.quality.summary()})
                 if best_pc is None or pc.quality.score() > best_pc.quality.score():
                     best_pc = pc
                 if pc.quality.passed:
