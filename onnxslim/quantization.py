@@ -327,7 +327,11 @@ class Quantizer:
             if cfg.kind == "dynamic":
                 quantize_dynamic(str(self.path), str(out), op_types_to_quantize=op_types, per_channel=cfg.per_channel,
                                  reduce_range=cfg.reduce_range, weight_type=types[cfg.weight],
-                                 nodes_to_exclude=self._nodes_for(cfg), extra_options={"MatMulConstBOnly": True})
+                                 nodes_to_exclude=self._nodes_for(cfg),
+                                 # The quantizer rewrites Gemm as MatMul + Add and re-infers types; where onnx's
+                                 # inference stops short (PP-OCR cls after its Reshape target became constant) the
+                                 # new MatMul output has none and it gives up: every tensor here is float.
+                                 extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
             else:
                 method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                           "percentile": CalibrationMethod.Percentile}[cfg.method]
