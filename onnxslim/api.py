@@ -376,6 +376,7 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
         if keep_model:
             weights.materialize_all(result)  # the caller gets a complete model, not stubs
     finally:
+        report.extra["timing"] = timing.laps  # also in the report of a refused run
         spill.close()  # after the save and materialize_all: nothing refers to the spill file any more
         if staged is not None:
             staged.discard()
@@ -384,7 +385,6 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
         if m is not model:
             m.close()
     report.seconds = time.perf_counter() - t0
-    report.extra["timing"] = timing.laps
     return (result if keep_model else None), report
 
 

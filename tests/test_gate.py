@@ -4,10 +4,15 @@ validation inputs at an image size where a strided CNN still computes something.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxslim.api import optimize
+from onnxslim.errors import GateError
 from onnxslim.validate import SPATIAL_DIM, centred_cosine, compare_models, make_inputs
 
 
@@ -65,3 +70,11 @@ def test_generated_images_get_a_spatial_size_not_1x1():
     assert make_inputs(image_model([1, 3, 48, "W"]))["x"].shape == (1, 3, 48, s)  # fixed dims kept
     assert make_inputs(image_model(["N", "C", "H", "W"]))["x"].shape == (1, 1, 1, 1)  # channels unknown: no guess
     assert make_inputs(image_model(["N", 3, "H", "W"]), {"x": [2, 3, 8, 9]})["x"].shape == (2, 3, 8, 9)
+
+
+def test_a_refused_run_reports_where_its_time_went(tmp_path):
+    model = Path(__file__).resolve().parent.parent / "models" / "cnn_bn.onnx"
+    with pytest.raises(GateError) as e:
+        optimize(model, tmp_path / "o.onnx", passes="fp16", min_cosine=1.0, latency=False)
+    timing = e.value.report.extra["timing"]
+    assert {"passes", "validation"} <= set(timing) and not (tmp_path / "o.onnx").exists()
