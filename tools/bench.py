@@ -83,8 +83,9 @@ t0 = time.perf_counter()
 pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], dict(os.environ),
                       file_actions=[(os.POSIX_SPAWN_DUP2, null, 1), (os.POSIX_SPAWN_DUP2, err, 2)])
 _, status = os.waitpid(pid, 0)
-seconds = time.perf_counter() - t0
-print(seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, os.waitstatus_to_exitcode(status))
+wall = time.perf_counter() - t0
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(wall, r.ru_utime + r.ru_stime, r.ru_maxrss, os.waitstatus_to_exitcode(status))
 """
 
 
@@ -132,7 +133,7 @@ def run_child(cmd: list[str], timeout: float = CHILD_TIMEOUT) -> Run:
             p.wait()
             return Run(timeout, 0.0, False, f"timeout after {timeout:g} s")
         text = Path(err.name).read_text(errors="replace")
-    seconds, maxrss_kb, code = stdout.split()
+    seconds, _cpu, maxrss_kb, code = stdout.split()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     ok = int(code) == 0
     return Run(float(seconds), int(maxrss_kb) / 1024, ok,

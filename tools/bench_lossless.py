@@ -47,27 +47,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench import REAL_SHAPES, count_nodes, latency, md_table, outputs_match  # noqa: E402
+from bench import REAL_SHAPES, WRAPPER, count_nodes, latency, md_table, outputs_match  # noqa: E402
 
 ZOO = Path(os.environ.get("ONNXSLIM_ZOO", Path.home() / ".cache" / "onnxslim-zoo"))
 CHILD_TIMEOUT = 1800
 
 FLOOR = "import sys, onnx; onnx.save(onnx.load(sys.argv[1]), sys.argv[2])"
 
-# Wall, CPU and peak RSS of one command, read in a small fresh process (not os.wait4 from the bench:
-# a vforked child reports the parent's high-water RSS; see tools/bench.py run_child).
-WRAPPER = """
-import os, sys, time, resource
-err = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-null = os.open(os.devnull, os.O_WRONLY)
-t0 = time.perf_counter()
-pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], dict(os.environ),
-                      file_actions=[(os.POSIX_SPAWN_DUP2, null, 1), (os.POSIX_SPAWN_DUP2, err, 2)])
-_, status = os.waitpid(pid, 0)
-wall = time.perf_counter() - t0
-r = resource.getrusage(resource.RUSAGE_CHILDREN)
-print(wall, r.ru_utime + r.ru_stime, r.ru_maxrss, os.waitstatus_to_exitcode(status))
-"""
 
 SPLIT_SLIM = """
 import json, sys, time
