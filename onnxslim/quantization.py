@@ -46,6 +46,7 @@ from onnx import ModelProto
 
 from onnxslim.calibration import CalibrationData
 from onnxslim.errors import InputError
+from onnxslim.options import DEFAULT_MAX_ACC_DROP, DEFAULT_MIN_CENTRED_COSINE, DEFAULT_MIN_COSINE
 from onnxslim.protowalk import opset_of, prune_opsets  # noqa: F401 - part of this module's interface
 from onnxslim.runtime import quiet_ort  # noqa: F401
 from onnxslim.validate import compare_models, make_inputs, score_outputs, static_batch
@@ -364,12 +365,12 @@ class Quantizer:
 class Gate:
     """The quality and speed requirements a quantized result must meet."""
 
-    min_cosine: float = 0.99
-    max_acc_drop: float = 1.0
+    min_cosine: float = DEFAULT_MIN_COSINE
+    max_acc_drop: float = DEFAULT_MAX_ACC_DROP
     min_top1: float | None = None
     min_speedup: float | None = 1.0  # None: no speed gate (--objective size)
     objective: str = "speed"
-    min_centred_cosine: float = 0.8
+    min_centred_cosine: float = DEFAULT_MIN_CENTRED_COSINE
 
 
 @dataclass
