@@ -521,17 +521,21 @@ def load_calibration(spec: str | Path, model: ModelProto, *, size: int | None = 
     return data
 
 
-def split_holdout(data: CalibrationData, fraction: float,
-                  min_each: int = 8) -> tuple[CalibrationData, CalibrationData | None]:
+def split_holdout(data: CalibrationData, fraction: float, min_held: int = 4,
+                  min_fit: int = 8) -> tuple[CalibrationData, CalibrationData | None]:
     """(fit part, held-out part): every k-th sample is held out so both parts cover the data set's order.
 
-    Random data has nothing to hold out (it measures nothing); a set too small to leave ``min_each``
-    samples on both sides is not split (the caller warns)."""
+    At least ``min_held`` samples are held out even where ``fraction`` gives fewer (the centred cosine
+    needs 4; a gate on 4 unseen samples still catches the overfit a gate on fitted data cannot see), as
+    long as ``min_fit`` remain to fit on. Random data has nothing to hold out (it measures nothing); a
+    set smaller than that is not split (the caller warns)."""
     n = data.size
-    k = int(round(n * fraction))
     fixed = data.batch_size if data.fixed_batch else 1
-    k -= k % fixed  # a fixed-batch model takes whole batches only, on both sides
-    if not data.measured or fraction <= 0 or k < max(min_each, fixed) or n - k < max(min_each, fixed):
+    if not data.measured or fraction <= 0:
+        return data, None
+    k = max(int(round(n * fraction)), min_held)
+    k = -(-k // fixed) * fixed  # a fixed-batch model takes whole batches only, on both sides
+    if n - k < max(min_fit, fixed):
         return data, None
     step = n / k
     held = np.unique((np.arange(k) * step + step / 2).astype(np.int64).clip(0, n - 1))

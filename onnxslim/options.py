@@ -109,7 +109,8 @@ class RunOptions:
     calib_size: int | None = option(None, "Use at most N calibration samples.", min=1)
     calib_batch: int | None = option(None, "Calibration batch size.", min=1)
     calib_holdout: float = option(0.2, "Fraction of --calib held out from fitting and used by the gate when "
-                                       "--inputs is not given.", min=0.0, max=0.5)
+                                       "--inputs is not given (at least 4 samples where 8 remain to fit on).",
+                                       min=0.0, max=0.5)
     calib_mean: str | None = option(None, "Image calibration: per-channel mean, e.g. 0.485,0.456,0.406.", cli="--mean")
     calib_std: str | None = option(None, "Image calibration: per-channel std.", cli="--std")
     calib_layout: str | None = option(None, "Image calibration layout.", choices=("nchw", "nhwc"), cli="--layout")

@@ -305,3 +305,47 @@ def test_cli_reports_bad_calibration_in_one_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "bad.npz" in lines[0] and "expected ['N', 3, 16, 16]" in lines[0]
     assert not out.exists()
+
+
+def _data(n: int, **kw):
+    from onnxslim.calibration import CalibrationData
+
+    return CalibrationData({"x": np.arange(n, dtype=np.float32)[:, None]}, np.arange(n), "t", **kw)
+
+
+def test_holdout_covers_the_order_and_never_overlaps_the_fit_part():
+    from onnxslim.calibration import split_holdout
+
+    fit, held = split_holdout(_data(100), 0.2)
+    assert held.size == 20 and fit.size == 80
+    h, f = set(held.inputs["x"][:, 0].tolist()), set(fit.inputs["x"][:, 0].tolist())
+    assert not h & f and len(h | f) == 100
+    assert min(h) < 10 and max(h) > 90  # spread over the set, not its tail
+    assert (held.labels == held.inputs["x"][:, 0]).all()  # labels follow their samples
+
+
+def test_small_sets_still_hold_four_samples_out():
+    """20 samples at 0.2 round to 4 held out; 16 to 3, raised to 4 (the centred cosine needs 4):
+    a gate on fitted data cannot see the refit's overfit, so small sets are split too."""
+    from onnxslim.calibration import split_holdout
+
+    for n in (12, 16, 20, 30):
+        fit, held = split_holdout(_data(n), 0.2)
+        assert held is not None and held.size == max(4, round(n * 0.2)) and fit.size == n - held.size
+
+
+def test_too_small_random_or_disabled_sets_are_not_split():
+    from onnxslim.calibration import split_holdout
+
+    for data, frac in ((_data(11), 0.2), (_data(100, measured=False), 0.2), (_data(100), 0.0)):
+        fit, held = split_holdout(data, frac)
+        assert held is None and fit.size == data.size
+
+
+def test_fixed_batch_models_get_whole_batches_on_both_sides():
+    from onnxslim.calibration import split_holdout
+
+    fit, held = split_holdout(_data(40, batch_size=8, fixed_batch=True), 0.2)
+    assert held.size % 8 == 0 and fit.size % 8 == 0 and held.size >= 8
+    fit, held = split_holdout(_data(12, batch_size=8, fixed_batch=True), 0.2)
+    assert held is None
