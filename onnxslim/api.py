@@ -238,6 +238,9 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
         options["latency"] = latency  # the passes read ctx.run.latency (--no-latency reaches prune)
     given = frozenset(k for k, v in options.items() if v is not None)
     run_options, pass_options = resolve_options(names, options)  # every option checked before any work
+    compacted = run_options.objective == "size" and lossy and "compact-names" not in names
+    if compacted:  # on small models the names are a third of an INT8 file
+        names = names + ["compact-names"]
     # Lossless pipelines leave large weights on disk (onnxslim.weights): graph passes read them lazily
     # and the save streams them, so memory stays near one copy of the model. Lossy passes may hand the
     # proto to tools that need every byte (onnxruntime.quantization), so they get it loaded.
@@ -253,6 +256,9 @@ def optimize(model: str | os.PathLike | ModelProto, output: str | os.PathLike | 
     if prepended:
         report.notes.append("ran the lossless preset before the first lossy pass (lossy passes need the cleaned "
                             "graph; --no-auto-lossless turns this off)")
+    if compacted:
+        report.notes.append("--objective size: internal tensor and node names shortened (compact-names; the graph's "
+                            "inputs and outputs keep theirs)")
     report.before = model_summary(m.proto, m.file_size or None)
     # The original's outputs, computed once and shared by --check-each-pass, lossy stages and the final check.
     reference = ReferenceOutputs(m.file_size if m.path is not None else None)

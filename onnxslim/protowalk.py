@@ -13,13 +13,18 @@ import onnx
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto
 
 
+def node_subgraphs(n: NodeProto) -> Iterator[GraphProto]:
+    """The bodies one node holds (If branches, Loop/Scan bodies)."""
+    for a in n.attribute:
+        if a.HasField("g"):
+            yield a.g
+        yield from a.graphs
+
+
 def subgraphs(g: GraphProto) -> Iterator[GraphProto]:
     """The bodies held by the nodes of ``g`` (one level down)."""
     for n in g.node:
-        for a in n.attribute:
-            if a.HasField("g"):
-                yield a.g
-            yield from a.graphs
+        yield from node_subgraphs(n)
 
 
 def iter_graphs(g: GraphProto) -> Iterator[GraphProto]:
