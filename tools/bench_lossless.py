@@ -6,7 +6,7 @@
     python tools/bench_lossless.py path/to/a.onnx other.onnx                # any files
 
 Models: the det/rec/cls ONNX files of the installed ``rapidocr-onnxruntime`` wheel and every
-``~/.cache/onnxslim-zoo/<name>/model.onnx`` (``tools/make_zoo.py``; absent in CI, then skipped).
+``~/.cache/onnxslim/zoo/torchvision/<name>/model.onnx`` (``tools/make_zoo.py``; absent in CI, then skipped).
 
 Per model, each command is one fresh child process, interleaved over --rounds rounds (best wall time:
 load from other processes only ever adds; worst peak RSS):
@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from bench import REAL_SHAPES, WRAPPER, count_nodes, latency, md_table, outputs_match  # noqa: E402
 
-ZOO = Path(os.environ.get("ONNXSLIM_ZOO", Path.home() / ".cache" / "onnxslim-zoo"))
+from make_zoo import DEFAULT_OUT as ZOO  # noqa: E402
 CHILD_TIMEOUT = 1800
 
 FLOOR = "import sys, onnx; onnx.save(onnx.load(sys.argv[1]), sys.argv[2])"

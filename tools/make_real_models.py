@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import zipfile
@@ -28,7 +27,9 @@ WHEELS: dict[str, str] = {"silero-vad": "6.2.3", "ddddocr": "1.6.1"}
 
 
 def default_cache() -> Path:
-    return Path(os.environ.get("ONNXSLIM_ZOO") or Path.home() / ".cache" / "onnxslim" / "zoo")
+    from make_zoo import ZOO_ROOT  # numpy only
+
+    return ZOO_ROOT
 
 
 def wheel_file(cache: Path, package: str, version: str) -> Path:

@@ -1,6 +1,6 @@
 """Build the real-architecture zoo: torchvision classifiers and a YOLO-style detector exported with torch.
 
-    python tools/make_zoo.py                              # every default model into ~/.cache/onnxslim-zoo
+    python tools/make_zoo.py                              # every default model into ~/.cache/onnxslim/zoo/torchvision
     python tools/make_zoo.py --models resnet18,yolov8n --out /tmp/zoo
     python tools/make_zoo.py --list
 
@@ -32,7 +32,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-DEFAULT_OUT = Path(os.environ.get("ONNXSLIM_ZOO", Path.home() / ".cache" / "onnxslim-zoo"))
+# One cache root for every zoo script: torchvision exports here, the encoder and the wheel models beside them.
+ZOO_ROOT = Path(os.environ.get("ONNXSLIM_ZOO") or Path.home() / ".cache" / "onnxslim" / "zoo")
+DEFAULT_OUT = ZOO_ROOT / "torchvision"
 SIZE = 160
 OPSET = 17
 CALIB_N, TEST_N = 64, 16

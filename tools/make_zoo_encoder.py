@@ -44,7 +44,9 @@ MAX_ABS_ERROR = 1e-3  # ONNX vs torch on the check batches (float32, 6 layers)
 
 
 def default_cache() -> Path:
-    return Path(os.environ.get("ONNXSLIM_ZOO") or Path.home() / ".cache" / "onnxslim" / "zoo")
+    from make_zoo import ZOO_ROOT  # numpy only
+
+    return ZOO_ROOT
 
 
 def find_wheel(cache: Path, wheel: Path | None) -> Path | None:
