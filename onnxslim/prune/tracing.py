@@ -1,14 +1,17 @@
 """Channel dependency analysis for structured pruning.
 
-Every output channel of a layer with constant weights (Conv with group 1, ConvTranspose, Gemm,
-MatMul by a 2-D initializer) is an *atom*. The tracer walks the graph in topological order and
+Every output channel of a layer with constant weights (Conv that is not plain depthwise, ConvTranspose,
+Gemm, MatMul by a 2-D initializer) is an *atom*. The tracer walks the graph in topological order and
 records, for every tensor it reaches, a *layout*: the channel axis and, per position along it, the
 atom that position carries (-1: a channel no pruning decision touches, e.g. one that came from a
 graph input). Ops move layouts around (Transpose moves the axis, Concat concatenates layouts,
-Split/Slice cut them, Flatten/Reshape repeat each atom over the block of features it becomes) and
+Split/Slice cut them, Flatten/Reshape repeat each atom over the block of features it becomes, a
+channel shuffle Reshape -> Transpose -> Reshape permutes them) and
 record the rewrites pruning needs: slices of constants (weights, biases, BatchNorm parameters,
 per-channel constants of elementwise ops, the input channels of consumers) and fix-ups of attributes
-and shape constants (depthwise ``group``, Split sizes, Slice bounds, Reshape targets, Resize sizes).
+and shape constants (depthwise and grouped ``group``, Split sizes, Slice bounds, Reshape targets, Resize
+sizes, channel shuffles). A grouped conv unifies each group's input and output channels: it loses whole
+groups.
 
 Elementwise ops between two tracked tensors (residual Add, gating Mul) *unify* the atoms they
 align: the channels must be removed together. A union-find over atoms gives the *units* (sets of
@@ -1024,7 +1027,7 @@ def _shuffle_fix(first: gs.Node, kept: np.ndarray, a: int, d0: int, d1: int, ord
     x = first.inputs[0]
     first.inputs.clear()
     first.outputs.clear()
-    first.op, first.attrs = "Gather", {"axis": a}
+    first.op, first.attrs, first.name = "Gather", {"axis": a}, f"{name}_gather"
     first.inputs.extend([x, gs.Constant(f"{name}_gather_pruned", idx)])
     first.outputs.extend(outs)
 
