@@ -213,6 +213,7 @@ def test_grouped_rounding_counts_channels() -> None:
     assert row["width"] == 4 and row["channels"] == 16
     assert row["kept"] * row["width"] == int(np.floor(64 * 0.7 / 8 + 0.5)) * 8
     assert [c for c in convs(pruned) if c[0] > 1] == [(row["kept"], (row["kept"] * 4, 4, 3, 3))]
+    assert any(f"16 -> {row['kept']} groups of 4" in line for line in rep["summary"])
     make_session(pruned).run(None, feeds())
 
 
