@@ -237,7 +237,7 @@ def _summary(r: dict[str, Any]) -> list[str]:
     width = max((len(g["group"]) for g in r.get("groups", [])), default=2)
     for g in r.get("groups", []):
         layers = ", ".join(g["layers"][:3]) + (f" (+{len(g['layers']) - 3})" if len(g["layers"]) > 3 else "")
-        unit = " heads" if g.get("kind") == "heads" else ""
+        unit = " heads" if g.get("kind") == "heads" else (f" groups of {g['width']}" if g.get("width", 1) > 1 else "")
         state = f"skipped: {g['skipped']}" if g["skipped"] else f"{g['channels']} -> {g['kept']}{unit}"
         lines.append(f"  {g['group']:<{width}}  {state}  [{layers}]")
     return lines

@@ -88,6 +88,7 @@ def group_table(an: Analysis, keep: np.ndarray | None = None) -> list[dict]:
             "group": g.id,
             "layers": [an.sources[s].name or an.sources[s].op for s in g.sources],
             "kind": g.kind,  # "heads": channels and kept count whole attention heads
+            "width": g.width,  # channels per unit and layer (a grouped conv's group width): channels/kept count units
             "channels": g.channels,
             "kept": after,
             "skipped": "; ".join(g.reasons[:3]) + (f" (+{len(g.reasons) - 3} more)" if len(g.reasons) > 3 else "")

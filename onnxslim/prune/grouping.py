@@ -1,5 +1,6 @@
-"""Groups: sources whose output channels share a unit (atoms unified by residual adds, gating muls)
-form one group, the thing a ratio applies to; a group with a frozen atom is left whole, with the reason.
+"""Groups: sources whose output channels share a unit (atoms unified by residual adds, gating muls, the
+groups of a grouped conv) form one group, the thing a ratio applies to; a group with a frozen atom is left
+whole, with the reason.
 """
 
 from __future__ import annotations
@@ -54,4 +55,7 @@ def _build_groups(an: Analysis) -> None:
                 if r is not None and r not in reasons:
                     reasons.append(r)
         kind = "heads" if an.head_sources.intersection(members) else "channels"
-        an.groups.append(Group(f"g{k}", sorted(members), units, reasons, sorted(consumers_of.get(g, set())), kind))
+        # Channels one layer loses per unit (a grouped conv's group width): the kept count is rounded in channels.
+        width = min((int(np.bincount(src[u]).max()) for u in units if len(u)), default=1)
+        an.groups.append(Group(f"g{k}", sorted(members), units, reasons, sorted(consumers_of.get(g, set())), kind,
+                               width))

@@ -4,6 +4,7 @@ kept count per group (rounded to onnxruntime's conv block), and the plan (keep m
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -105,8 +106,10 @@ def plan(an: Analysis, ratios: dict[str, float] | float, imp: np.ndarray, *, rou
         if not g.prunable or r <= 0:
             continue
         # Heads are whole units already (head_dim channels each): never rounded to the conv block.
-        k = kept_count(len(g.units), float(r), 1 if g.kind == "heads" else round_to,
-                       1 if g.kind == "heads" else min_channels)
+        # A unit of w channels (a grouped conv's group): round_to and min_channels count channels, not units.
+        w = max(g.width, 1)
+        k = kept_count(len(g.units), float(r), 1 if g.kind == "heads" else round_to // math.gcd(round_to, w),
+                       1 if g.kind == "heads" else -(-min_channels // w))
         if k < len(g.units):
             removals[g.id] = len(g.units) - k
     if select is not None and removals:

@@ -67,7 +67,7 @@ def measure(model: ModelProto, calib: CalibrationData, *, an: ch.Analysis | None
     prunable = [g for g in an.groups if g.prunable]
     for gi, g in enumerate(an.groups):
         row: dict[str, Any] = {"group": g.id, "layers": [an.sources[s].name or an.sources[s].op for s in g.sources],
-                               "channels": g.channels, "kind": g.kind, "skipped": "; ".join(g.reasons) if g.reasons else None,
+                               "channels": g.channels, "width": g.width, "kind": g.kind, "skipped": "; ".join(g.reasons) if g.reasons else None,
                                "points": []}
         none = np.ones(an.n_atoms, bool)
         for u in g.units:
@@ -204,7 +204,7 @@ def format_sensitivity(res: dict[str, Any]) -> str:
         if not g["points"]:
             skipped.append(f"  {g['group']} ({', '.join(g['layers'][:3])}): {g['skipped'] or 'nothing to prune'}")
             continue
-        unit = " heads" if g.get("kind") == "heads" else ""
+        unit = " heads" if g.get("kind") == "heads" else (f"x{g['width']}" if g.get("width", 1) > 1 else "")
         rows.append([g["group"], f"{g['channels']}{unit}", f"{g['params_share']:.1%}", f"{g['macs_share']:.1%}"]
                     + [f"{p['cosine']:.4f} ({p['kept']})" for p in g["points"]])
         if res.get("accuracy") is not None:

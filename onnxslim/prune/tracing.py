@@ -1,14 +1,17 @@
 """Channel dependency analysis for structured pruning.
 
-Every output channel of a layer with constant weights (Conv with group 1, ConvTranspose, Gemm,
-MatMul by a 2-D initializer) is an *atom*. The tracer walks the graph in topological order and
+Every output channel of a layer with constant weights (Conv that is not plain depthwise, ConvTranspose,
+Gemm, MatMul by a 2-D initializer) is an *atom*. The tracer walks the graph in topological order and
 records, for every tensor it reaches, a *layout*: the channel axis and, per position along it, the
 atom that position carries (-1: a channel no pruning decision touches, e.g. one that came from a
 graph input). Ops move layouts around (Transpose moves the axis, Concat concatenates layouts,
-Split/Slice cut them, Flatten/Reshape repeat each atom over the block of features it becomes) and
+Split/Slice cut them, Flatten/Reshape repeat each atom over the block of features it becomes, a
+channel shuffle Reshape -> Transpose -> Reshape permutes them) and
 record the rewrites pruning needs: slices of constants (weights, biases, BatchNorm parameters,
 per-channel constants of elementwise ops, the input channels of consumers) and fix-ups of attributes
-and shape constants (depthwise ``group``, Split sizes, Slice bounds, Reshape targets, Resize sizes).
+and shape constants (depthwise and grouped ``group``, Split sizes, Slice bounds, Reshape targets, Resize
+sizes, channel shuffles). A grouped conv unifies each group's input and output channels: it loses whole
+groups.
 
 Elementwise ops between two tracked tensors (residual Add, gating Mul) *unify* the atoms they
 align: the channels must be removed together. A union-find over atoms gives the *units* (sets of
@@ -105,6 +108,7 @@ class Group:
     reasons: list[str]
     consumers: list[str] = field(default_factory=list)
     kind: str = "channels"  # "heads": units are attention heads (onnxslim.prune.attention), not rounded
+    width: int = 1  # channels of one layer per unit: a grouped conv's group width (rounding counts channels)
 
     @property
     def prunable(self) -> bool:
@@ -377,7 +381,47 @@ class _Tracer:
             self.an.fixups.append((i, fix_group))
             self.set(node.outputs[0], Layout(1, ids))
         else:
-            self.freeze_inputs(node, f"{self.where(node)} is a grouped convolution (group={group})")
+            self.grouped_conv(i, node, lx, group, cin, cout, has_b)
+
+    def grouped_conv(self, i: int, node: gs.Node, lx: Layout | None, group: int, cin: int, cout: int,
+                     has_b: bool) -> None:
+        """A grouped Conv (1 < group, not plain depthwise) loses whole groups: group k's input channels, its
+        output channels and its weights go together (one unit), and ``group`` counts the groups kept.
+
+        Why whole groups rather than the same in-group channels of every group (Torch-Pruning's
+        ``ch_groups``): the kept groups compute exactly what they did (no refit, no error), the in-group
+        width stays what onnxruntime's blocked conv needs (channels per group a multiple of 8), and the
+        channel counts stay multiples of the group width; removing in-group channels of RegNet's 13 or 55
+        groups of 8 can never give a count that is a multiple of 8."""
+        where = self.where(node)
+        w_in, w_out = cin // group, cout // group
+        ids = self.add_source(i, node, cout, 1, 0)
+        self.edit(i, 1, 0, ids)
+        if has_b:
+            self.edit(i, 2, 0, ids)
+        self.set(node.outputs[0], Layout(1, ids))
+        if cout % group:
+            self.an.freeze(ids, f"{where}: {cout} output channels do not divide into {group} groups")
+            return
+        if lx is None or lx.axis != 1 or len(lx.ids) != cin:
+            reason = (f"{where} is a grouped convolution (group={group}) reading channels that cannot be pruned"
+                      if lx is None else f"{where} reads channels on another axis")
+            self.an.freeze(ids, reason)
+            if lx is not None:
+                self.an.freeze(lx.ids, reason)
+            return
+        for k in range(group):
+            members = np.concatenate([lx.ids[k * w_in:(k + 1) * w_in], ids[k * w_out:(k + 1) * w_out]])
+            if (members < 0).any():
+                self.an.freeze(members, f"{where}: group {k} reads a channel that cannot be pruned")
+                continue
+            for a in members[1:]:
+                self.an.uf.union(int(members[0]), int(a))
+
+        def fix_group(g: gs.Graph, j: int, keep: np.ndarray, ids: np.ndarray = ids, w_out: int = w_out) -> None:
+            g.nodes[j].attrs["group"] = int(keep_positions(ids, keep).sum()) // w_out
+
+        self.an.fixups.append((i, fix_group))
 
     def op_ConvTranspose(self, i: int, node: gs.Node, ins: list) -> None:
         w = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
@@ -733,6 +777,8 @@ class _Tracer:
         if target is None or ins[1] is not None:
             self.an.freeze(lay.ids, f"{where} has a computed shape it cannot rewrite")
             return
+        if self.channel_shuffle(i, node, lay, target):
+            return
         a, n = lay.axis, len(lay.ids)
         inner = self._reshape_block(si, so, target, a, n, bool(node.attrs.get("allowzero", 0)))
         if inner is None:
@@ -749,6 +795,46 @@ class _Tracer:
                 nd.inputs[1] = gs.Constant(f"{nd.name or 'reshape'}_shape_pruned_{k}", v)
 
             self.an.fixups.append((i, fix))
+
+    def channel_shuffle(self, i: int, node: gs.Node, lay: Layout, target: list[int]) -> bool:
+        """Reshape [.., C, ..] -> [.., g, C/g, ..], Transpose of those two axes, Reshape back to [.., C, ..]
+        (ShuffleNet's channel shuffle): a fixed permutation of the channels. The output's layout is the input's
+        permuted, so channels are pruned across it freely; the fix-up rewrites the three nodes for the kept
+        channels (see ``_shuffle_fix``). False when ``node`` does not start that pattern."""
+        a, n = lay.axis, len(lay.ids)
+        mid = node.outputs[0]
+        graph_outs = {id(t) for t in self.g.outputs}
+        if len(mid.outputs) != 1 or id(mid) in graph_outs or mid.outputs[0].op != "Transpose":
+            return False
+        tr = mid.outputs[0]
+        perm = [int(p) for p in tr.attrs.get("perm", [])]
+        t2 = tr.outputs[0]
+        if len(t2.outputs) != 1 or id(t2) in graph_outs or t2.outputs[0].op != "Reshape":
+            return False
+        back = t2.outputs[0]
+        si, sm, so = _shape(node.inputs[0]), _shape(mid), _shape(back.outputs[0])
+        back_target = self.input_ints(back, 1)
+        if si is None or sm is None or so is None or back_target is None or self.lay(back.inputs[1]) is not None:
+            return False
+        d0, d1 = _dim(sm, a), _dim(sm, a + 1)
+        swap = list(range(len(sm)))
+        if a + 1 < len(swap):
+            swap[a], swap[a + 1] = a + 1, a
+        if (d0 is None or d1 is None or d0 * d1 != n or len(sm) != len(si) + 1 or perm != swap
+                or list(sm[:a]) + list(sm[a + 2:]) != list(si[:a]) + list(si[a + 1:]) or list(so) != list(si)
+                or len(target) != len(sm) or len(back_target) != len(so) or node.attrs.get("allowzero", 0)
+                or back.attrs.get("allowzero", 0) or target[a] not in (d0, -1) or target[a + 1] not in (d1, -1)
+                or back_target[a] not in (n, -1)):
+            return False
+        order = np.arange(n).reshape(d0, d1).T.ravel()  # output position p holds input channel order[p]
+        self.set(back.outputs[0], Layout(a, lay.ids[order]))
+        ids = lay.ids
+
+        def fix(g: gs.Graph, k: int, keep: np.ndarray, a=a, d0=d0, d1=d1, ids=ids, order=order) -> None:
+            _shuffle_fix(g.nodes[k], keep_positions(ids, keep), a, d0, d1, order)
+
+        self.an.fixups.append((i, fix))
+        return True
 
     @staticmethod
     def _reshape_block(si: list | None, so: list | None, target: list[int], a: int, n: int,
@@ -909,6 +995,41 @@ class _Tracer:
         self.freeze_inputs(node, f"{self.where(node)} reads the shape (the channel count would change)")
 
     op_Size = op_Shape
+
+
+def _shuffle_fix(first: gs.Node, kept: np.ndarray, a: int, d0: int, d1: int, order: np.ndarray) -> None:
+    """Rewrite a channel shuffle (Reshape ``first`` -> Transpose -> Reshape) for the ``kept`` input channels.
+
+    When every row of the [d0, d1] grid keeps the same columns, the shuffle of the smaller tensor is still
+    one: only the reshape constants change. Otherwise the kept channels in shuffled order are one Gather
+    along the channel axis (a copy of whole channel planes, like the Transpose it replaces)."""
+    if kept.all():
+        return
+    tr = first.outputs[0].outputs[0]
+    back = tr.outputs[0].outputs[0]
+    grid = kept.reshape(d0, d1)
+    name = first.name or "shuffle"
+    if (grid == grid[:1]).all():
+        k = int(grid[0].sum())
+        t = np.array(const_value(first.inputs[1])).copy()
+        if t[a + 1] != -1:
+            t[a + 1] = k
+        first.inputs[1] = gs.Constant(f"{name}_shape_pruned", t)
+        b = np.array(const_value(back.inputs[1])).copy()
+        if b[a] != -1:
+            b[a] = d0 * k
+        back.inputs[1] = gs.Constant(f"{back.name or 'shuffle'}_shape_pruned", b)
+        return
+    rank = np.cumsum(kept) - 1  # position of each kept input channel in the pruned tensor
+    idx = rank[order[kept[order]]].astype(np.int64)
+    outs = list(back.outputs)
+    back.outputs.clear()
+    x = first.inputs[0]
+    first.inputs.clear()
+    first.outputs.clear()
+    first.op, first.attrs, first.name = "Gather", {"axis": a}, f"{name}_gather"
+    first.inputs.extend([x, gs.Constant(f"{name}_gather_pruned", idx)])
+    first.outputs.extend(outs)
 
 
 def traced_graph(model) -> gs.Graph:
