@@ -11,8 +11,10 @@ This module
 - migrates the activation outliers of every MatMul input with a constant 2-D weight into the weight:
   ``X W = (X / s) (s W)`` with ``s_j = max|X_j|^a / max|W_j|^(1-a)`` per input channel j. The division
   is folded into the producer where it is the only reader (a Mul by a constant, a decomposed LayerNorm's
-  gamma/beta, LayerNormalization's scale/bias); otherwise, e.g. a post-LN BERT whose LayerNorm output
-  also feeds the residual Add, a ``Mul(X, 1/s)`` feeds the MatMuls only. Lossless in float up to rounding.
+  gamma/beta, LayerNormalization's scale/bias, and for the attention context -- the head merge of
+  ``softmax(QK) V`` -- the value projection's weight columns and bias); otherwise, e.g. a post-LN BERT whose
+  LayerNorm output also feeds the residual Add, a ``Mul(X, 1/s)`` feeds the MatMuls only (or, with
+  ``allow_mul=False``, the site stays unsmoothed). Lossless in float up to rounding.
   ``smooth(..., only=...)`` limits it to chosen sites: onnxslim.quantization applies it where the measured
   uint8 SQNR of the MatMul input (``TensorStats.sqnr_u8``) rises -- LayerNorm outputs gain ~6 dB, FFN
   down-projection inputs lose (their weight rows vary more than the activation channels).
