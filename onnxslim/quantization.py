@@ -388,7 +388,7 @@ def float_side_readers(q: ModelProto, quantized_ops: set[str]) -> int:
     """Rewire, in place, every reader of ``DequantizeLinear(QuantizeLinear(x))`` that is not itself a
     quantized op (``quantized_ops``) to read ``x``: onnxruntime's QDQ quantizer gives all readers of a
     quantized tensor its Q/DQ copy, so a LayerNorm output read by Q/K/V and by the residual Add put the
-    residual stream through uint8 (MiniLM, FFN-down dynamic: min cosine 0.974 -> 0.985 with the residual
+    residual stream through uint8 (MiniLM, no SmoothQuant Muls: min cosine 0.974 -> 0.985 with the residual
     in float) and left one unfused DequantizeLinear per reader. Returns the number of inputs rewired."""
     prod = {o: n for n in q.graph.node for o in n.output}
     consts = {t.name for t in q.graph.initializer}
@@ -1085,8 +1085,8 @@ def encoder_static_prepare(model: ModelProto, cfg: QuantConfig, fixed: set[str],
     latency went to (tools/bench_encoder_static_forms.py, interleaved in one process, load 12-17):
     the FFN down projections in float (dynamic instead: 0.60x/0.66x), the re-quantized MatMul outputs
     (QLinearMatMul + DequantizeLinear; ``encoder_form`` keeps them float, MatMulIntegerToFloat: -0.02x),
-    and the residual Adds reading the LayerNorm outputs' Q/DQ copy (accuracy: 0.974 -> 0.985 when they read
-    the float tensor). The inserted SmoothQuant Muls cost ~0.01x (13 of them, 0.563x vs 0.557x at batch 1);
+    and, where no SmoothQuant Mul sits between, the residual Adds reading the LayerNorm outputs' Q/DQ copy
+    (min cosine 0.974 -> 0.985 when they read the float tensor). The inserted SmoothQuant Muls cost ~0.01x (12 of them, 0.563x vs 0.557x at batch 1);
     the five attention contexts fold into the value projections instead (``smoothquant._fold_into_value``).
     Static FFN-down inputs clipped at their p99.99 instead of dynamic: 0.988 / 99.5%, same speed; at p99.9
     0.973. Result: see the README table (tools/bench_encoder.py)."""
