@@ -253,16 +253,18 @@ def test_layernorm_takes_the_scale_no_mul_inserted(decomposed):
 
 
 @pytest.fixture(scope="module")
-def encoder_prepared():
-    """bert_tiny through the encoder preparation (statistics, SmoothQuant trial, site SQNRs), once."""
+def encoder_prepared(tmp_path_factory):
+    """bert_tiny through the encoder preparation (statistics, SmoothQuant trial, site SQNRs), once; in a
+    private folder, as the pass runs it (onnxruntime's helpers leave files in the working directory)."""
     from onnxslim.calibration import CalibrationData
 
     m = onnx.load(str(BERT))
     data = CalibrationData({k: v[:32] for k, v in _calib().items()}, None, "test")
     notes: list[str] = []
     cfg = q.QuantConfig(kind="static", per_channel=True)
-    prep, cfg = q._prepare(m, cfg, "static", notes)
-    prep, cfg, info = q.encoder_static_prepare(prep, cfg, set(), data, notes)
+    with q.private_workdir():
+        prep, cfg = q._prepare(m, cfg, "static", notes)
+        prep, cfg, info = q.encoder_static_prepare(prep, cfg, set(), data, notes)
     return prep, cfg, info, data
 
 
@@ -275,12 +277,13 @@ def test_encoder_prepare_makes_exactly_the_low_sqnr_sites_dynamic(encoder_prepar
     assert set(cfg.dynamic_nodes) <= names
 
 
-def test_encoder_form_quantizes_mixed_and_keeps_the_residual_float(encoder_prepared, tmp_path):
+def test_encoder_form_quantizes_mixed_and_keeps_the_residual_float(encoder_prepared):
     prep, cfg, _, data = encoder_prepared
     ffn_down = tuple(n.name for n in prep.graph.node if n.name.endswith("/output/dense/MatMul") and "attention" not in n.name)
     assert len(ffn_down) == 2
     cfg = replace_cfg(cfg, dynamic_nodes=ffn_down)
-    qm = q.Quantizer(prep, data, tmp_path).quantize(cfg)
+    with q.private_workdir() as tmp:
+        qm = q.Quantizer(prep, data, tmp).quantize(cfg)
     prod = {o: n for n in qm.graph.node for o in n.output}
     # the FFN down projections run dynamic INT8, not through QDQ
     integer = [n for n in qm.graph.node if n.op_type == "MatMulInteger"]
