@@ -113,6 +113,13 @@ class QuantConfig:
     op_types: tuple[str, ...] | None = None  # None: every op type onnxruntime can quantize
     exclude: tuple[str, ...] = ()  # node names kept in float
     float_ops: tuple[str, ...] = ()  # op types kept in float (e.g. depthwise Conv) -> expanded to nodes
+    # Static only. MatMul inputs whose static range loses too much (encoders' FFN down projections) are
+    # quantized at run time instead (DynamicQuantizeLinear + MatMulInteger), mixed with the QDQ elsewhere.
+    dynamic_nodes: tuple[str, ...] = ()
+    # Static only (encoders): MatMul/Gemm outputs are not re-quantized (onnxruntime fuses DQ+DQ+MatMul into
+    # MatMulIntegerToFloat), and readers of a quantized activation that are not quantized themselves (the
+    # residual Add after a LayerNorm) read the float tensor, not its Q/DQ copy.
+    encoder_form: bool = False
 
     def label(self) -> str:
         if self.kind == "dynamic":
@@ -124,6 +131,10 @@ class QuantConfig:
                  f"{self.weight} {'per-channel' if self.per_channel else 'per-tensor'} weights, {self.method}")
             if self.reduce_range:
                 s += ", 7-bit weights"
+        if self.encoder_form:
+            s += ", float MatMul outputs"
+        if self.dynamic_nodes:
+            s += f", {len(self.dynamic_nodes)} MatMul(s) dynamic"
         if self.op_types:
             s += f", ops {'/'.join(self.op_types)}"
         if self.float_ops:
@@ -342,6 +353,10 @@ class Quantizer:
                     if full.exists():
                         cache = full  # a superset of the tensors of any op-type subset
                 extra: dict[str, Any] = {"ActivationSymmetric": cfg.symmetric, "WeightSymmetric": True}
+                if cfg.encoder_form:
+                    extra["OpTypesToExcludeOutputQuantization"] = list(op_types or ("MatMul", "Gemm"))
+                excluded = self._nodes_for(cfg)
+                dynamic = [n for n in cfg.dynamic_nodes if n not in excluded]
                 # Never CalibMaxIntermediateOutputs: onnxruntime (1.32) drops every full chunk of collected
                 # ranges without merging them, so only the last partial chunk calibrates, and a batch count
                 # that is a multiple of the chunk ("No data is collected.": 160 batches of a fixed batch 1)
@@ -351,12 +366,48 @@ class Quantizer:
                                 quant_format=QuantFormat.QDQ if cfg.fmt == "qdq" else QuantFormat.QOperator,
                                 op_types_to_quantize=op_types, per_channel=cfg.per_channel,
                                 reduce_range=cfg.reduce_range, activation_type=types[cfg.activation],
-                                weight_type=types[cfg.weight], nodes_to_exclude=self._nodes_for(cfg),
+                                weight_type=types[cfg.weight], nodes_to_exclude=sorted(set(excluded) | set(dynamic)),
                                 calibrate_method=method, extra_options=extra, calibration_cache_path=str(cache))
+                if cfg.encoder_form:
+                    q = onnx.load(str(out))
+                    float_side_readers(q, set(op_types or ("MatMul", "Gemm")))
+                    onnx.save(q, str(out))
+                if dynamic:
+                    mixed = self.tmp / f"q{self._n}-dynamic.onnx"
+                    quantize_dynamic(str(out), str(mixed), op_types_to_quantize=["MatMul"], per_channel=cfg.per_channel,
+                                     reduce_range=cfg.reduce_range, weight_type=types[cfg.weight],
+                                     nodes_to_quantize=dynamic, extra_options={"MatMulConstBOnly": True})
+                    mixed.replace(out)
         q = onnx.load(str(out))
         out.unlink(missing_ok=True)
         prune_opsets(q)
         return q
+
+
+def float_side_readers(q: ModelProto, quantized_ops: set[str]) -> int:
+    """Rewire, in place, every reader of ``DequantizeLinear(QuantizeLinear(x))`` that is not itself a
+    quantized op (``quantized_ops``) to read ``x``: onnxruntime's QDQ quantizer gives all readers of a
+    quantized tensor its Q/DQ copy, so a LayerNorm output read by Q/K/V and by the residual Add put the
+    residual stream through uint8 (MiniLM, no SmoothQuant Muls: min cosine 0.974 -> 0.985 with the residual
+    in float) and left one unfused DequantizeLinear per reader. Returns the number of inputs rewired."""
+    prod = {o: n for n in q.graph.node for o in n.output}
+    consts = {t.name for t in q.graph.initializer}
+    done = 0
+    for n in q.graph.node:
+        if n.op_type in quantized_ops or n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i, t in enumerate(n.input):
+            dq = prod.get(t)
+            qn = prod.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if qn is not None and qn.op_type == "QuantizeLinear" and qn.input[0] not in consts:
+                n.input[i] = qn.input[0]
+                done += 1
+    if done:  # the DequantizeLinear nodes nobody reads any more
+        read = {t for n in q.graph.node for t in n.input} | {o.name for o in q.graph.output}
+        keep = [n for n in q.graph.node if n.op_type != "DequantizeLinear" or n.output[0] in read]
+        del q.graph.node[:]
+        q.graph.node.extend(keep)
+    return done
 
 
 # --------------------------------------------------------------------------------------- measurement
@@ -978,9 +1029,10 @@ def _prepare(model: ModelProto, cfg: QuantConfig, kind: str, notes: list[str]) -
 
 SMOOTH_ALPHA = 0.5  # SmoothQuant migration strength (Xiao et al.: 0.5 for BERT-sized models)
 SMOOTH_LOSSLESS_RTOL = 1e-3  # the smoothed float model must match the unsmoothed one this closely
-# A MatMul input whose uint8 rounding alone leaves less than this SQNR starts in float. MiniLM: the GELU
-# outputs of layers 0-2 (18.7-22.4 dB) are what held static INT8 at min cosine 0.90; all others >= 24 dB.
-MIN_SITE_SQNR = 20.0
+# A MatMul input whose uint8 rounding alone leaves less than this SQNR is quantized dynamically. MiniLM:
+# the GELU outputs of layers 0-3 (19.6-25.4 dB); layers 4-5 (30.2, 32.4) and every other site (>= 30.8 dB after
+# SmoothQuant) stay static. All six GELU outputs dynamic measured alike (min cosine 0.990, same latency).
+DYNAMIC_SITE_SQNR = 28.0
 
 
 def is_encoder(model: ModelProto) -> bool:
@@ -1019,16 +1071,25 @@ def _float_outputs(model: ModelProto, feeds: dict[str, np.ndarray]) -> list[np.n
 
 
 def encoder_static_prepare(model: ModelProto, cfg: QuantConfig, fixed: set[str], data: CalibrationData,
-                           notes: list[str], alpha: float = SMOOTH_ALPHA) -> tuple[ModelProto, QuantConfig, dict | None]:
+                           notes: list[str], alpha: float = SMOOTH_ALPHA,
+                           allow_mul: bool = True) -> tuple[ModelProto, QuantConfig, dict | None]:
     """Static INT8 of a transformer encoder: outlier report from calibration statistics, SmoothQuant on
-    every MatMul input with a constant weight, the residual stream and attention-score MatMuls in float.
+    the MatMul inputs where it raises their INT8 SQNR, the residual stream and attention-score MatMuls in
+    float, the MatMul inputs whose static INT8 SQNR stays below DYNAMIC_SITE_SQNR quantized at run time.
 
     All-MiniLM-L6-v2 (onnxruntime static QDQ, u8 activations, s8 per-channel weights; min cosine of sentence
     embeddings): every op type quantized 0.15 (the residual Adds carry |x| 223 where p99.9 is 8.4);
-    MatMul only 0.894; + SmoothQuant everywhere 0.901; the six FFN down projections in float 0.987. Their
-    inputs (GELU outputs) are the worst sites by INT8 SQNR (18.7-26 dB, all others >= 24 dB after smoothing),
-    and SmoothQuant lowers it there (18.7 -> 16.2 dB), so it is applied per site where it helps. Result
-    through this path: 0.995, NN agreement 100%, file 0.77x, 0.72x/0.76x latency at batch 1/16 (AVX2)."""
+    MatMul only 0.894; + SmoothQuant everywhere 0.901; the six FFN down projections in float 0.996 but at
+    0.76x/0.79x latency (batch 1/16, AVX2 no VNNI). Their inputs (GELU outputs) are the worst sites by INT8
+    SQNR (19.6-32 dB) and SmoothQuant lowers it there, so it is applied per site where it helps. What the
+    latency went to (tools/bench_encoder_static_forms.py, interleaved in one process, load 12-17):
+    the FFN down projections in float (dynamic instead: 0.60x/0.66x), the re-quantized MatMul outputs
+    (QLinearMatMul + DequantizeLinear; ``encoder_form`` keeps them float, MatMulIntegerToFloat: -0.02x),
+    and, where no SmoothQuant Mul sits between, the residual Adds reading the LayerNorm outputs' Q/DQ copy
+    (min cosine 0.974 -> 0.985 when they read the float tensor). The inserted SmoothQuant Muls cost ~0.01x (12 of them, 0.563x vs 0.557x at batch 1);
+    the five attention contexts fold into the value projections instead (``smoothquant._fold_into_value``).
+    Static FFN-down inputs clipped at their p99.99 instead of dynamic: 0.988 / 99.5%, same speed; at p99.9
+    0.973. Result: see the README table (tools/bench_encoder.py)."""
     from onnxslim import smoothquant as sq
 
     if not is_encoder(model):
@@ -1051,7 +1112,7 @@ def encoder_static_prepare(model: ModelProto, cfg: QuantConfig, fixed: set[str],
     # SmoothQuant helps where the outliers are in the activation (LayerNorm outputs) and hurts where the
     # weight rows vary more (MiniLM's FFN down projections: GELU output SQNR 18.7 -> 16.2 dB), so each
     # site keeps it only where the measured INT8 SQNR of the MatMul input improves.
-    trial, trial_records = sq.smooth(model, site_stats, alpha)
+    trial, trial_records = sq.smooth(model, site_stats, alpha, allow_mul=allow_mul)
     after = sq.collect_stats(trial, data.batches(), [r["input"] for r in trial_records])
     sqnr = {t: st.sqnr_u8 for t, st in site_stats.items()}
     chosen = set()
@@ -1061,7 +1122,7 @@ def encoder_static_prepare(model: ModelProto, cfg: QuantConfig, fixed: set[str],
             chosen.add(r["tensor"])
             r["sqnr_u8_db"] = (round(sqnr[r["tensor"]], 2), round(a.sqnr_u8, 2))
             sqnr[r["tensor"]] = a.sqnr_u8
-    smoothed, records = sq.smooth(model, site_stats, alpha, only=chosen)
+    smoothed, records = sq.smooth(model, site_stats, alpha, only=chosen, allow_mul=allow_mul)
     by_tensor = {r["tensor"]: r for r in trial_records}
     for r in records:
         r["sqnr_u8_db"] = by_tensor[r["tensor"]].get("sqnr_u8_db")
@@ -1082,20 +1143,24 @@ def encoder_static_prepare(model: ModelProto, cfg: QuantConfig, fixed: set[str],
     matmuls = {s.tensor: s.matmuls for s in site_list}
     info["sites"] = [{"tensor": t, "matmuls": matmuls[t], "sqnr_u8_db": round(v, 2)}
                      for t, v in sorted(sqnr.items(), key=lambda kv: kv[1])]
-    weak = [t for t, v in sqnr.items() if v < MIN_SITE_SQNR]
+    # A static range over all calibration data is the wrong tool where the activation's range changes from
+    # input to input (GELU outputs: rare large values): those MatMuls take their range at run time instead.
+    weak = [t for t, v in sqnr.items() if v < DYNAMIC_SITE_SQNR]
     if weak and "op_types" not in fixed:
-        names = [x for t in weak for x in matmuls[t]]
-        cfg = replace(cfg, exclude=tuple(cfg.exclude) + tuple(x for x in names if x not in cfg.exclude))
-        info["kept_float_by_sensitivity"] = [{"tensor": t, "sqnr_u8_db": round(sqnr[t], 2), "matmuls": matmuls[t]}
-                                             for t in weak]
-        notes.append("kept in float by measured sensitivity (INT8 SQNR of the MatMul input < "
-                     f"{MIN_SITE_SQNR:g} dB): " + ", ".join(f"{t} ({sqnr[t]:.1f} dB) -> {', '.join(matmuls[t])}"
-                                                          for t in weak))
+        names = [x for t in weak for x in matmuls[t] if x not in cfg.exclude]
+        cfg = replace(cfg, dynamic_nodes=tuple(dict.fromkeys(tuple(cfg.dynamic_nodes) + tuple(names))))
+        info["dynamic_by_sensitivity"] = [{"tensor": t, "sqnr_u8_db": round(sqnr[t], 2), "matmuls": matmuls[t]}
+                                          for t in weak]
+        notes.append("quantized at run time (dynamic) by measured sensitivity (static INT8 SQNR of the MatMul input "
+                     f"< {DYNAMIC_SITE_SQNR:g} dB): " + ", ".join(f"{t} ({sqnr[t]:.1f} dB) -> {', '.join(matmuls[t])}"
+                                                                for t in weak))
+    dynamic = set(cfg.dynamic_nodes)
 
     def ranker(candidates: set[str], *_: Any) -> list[dict[str, Any]]:
         """MatMul inputs by INT8 SQNR, worst first: local, so one noisy layer does not hide behind softmax."""
         out = []
-        for t, v in sorted(sqnr.items(), key=lambda kv: kv[1]):
+        # static sites worst first; the dynamic ones (their static SQNR does not apply) after them
+        for t, v in sorted(sqnr.items(), key=lambda kv: (bool(set(matmuls[kv[0]]) & dynamic), kv[1])):
             nodes = [x for x in matmuls[t] if x in candidates]
             if nodes:
                 out.append({"node": nodes[0], "op": "MatMul", "tensor": t, "nodes": nodes, "sqnr_out": round(v, 2),
@@ -1110,7 +1175,8 @@ def encoder_static_prepare(model: ModelProto, cfg: QuantConfig, fixed: set[str],
     info["ranker"] = ranker
     if "op_types" not in fixed:
         # Residual Adds, LayerNorm, Softmax and GELU stay float: their outliers are what collapses QDQ.
-        cfg = replace(cfg, op_types=tuple(o for o in ("MatMul", "Gemm") if o in {n.op_type for n in model.graph.node}))
+        cfg = replace(cfg, op_types=tuple(o for o in ("MatMul", "Gemm") if o in {n.op_type for n in model.graph.node}),
+                      encoder_form=True)
         scores = [x for x in activation_matmuls(model) if x not in cfg.exclude]
         cfg = replace(cfg, exclude=tuple(cfg.exclude) + tuple(scores))
         notes.append(f"encoder: INT8 for the MatMul/Gemm weights only; residual stream, LayerNorm, Softmax, GELU "

@@ -11,8 +11,10 @@ This module
 - migrates the activation outliers of every MatMul input with a constant 2-D weight into the weight:
   ``X W = (X / s) (s W)`` with ``s_j = max|X_j|^a / max|W_j|^(1-a)`` per input channel j. The division
   is folded into the producer where it is the only reader (a Mul by a constant, a decomposed LayerNorm's
-  gamma/beta, LayerNormalization's scale/bias); otherwise, e.g. a post-LN BERT whose LayerNorm output
-  also feeds the residual Add, a ``Mul(X, 1/s)`` feeds the MatMuls only. Lossless in float up to rounding.
+  gamma/beta, LayerNormalization's scale/bias, and for the attention context -- the head merge of
+  ``softmax(QK) V`` -- the value projection's weight columns and bias); otherwise, e.g. a post-LN BERT whose
+  LayerNorm output also feeds the residual Add, a ``Mul(X, 1/s)`` feeds the MatMuls only (or, with
+  ``allow_mul=False``, the site stays unsmoothed). Lossless in float up to rounding.
   ``smooth(..., only=...)`` limits it to chosen sites: onnxslim.quantization applies it where the measured
   uint8 SQNR of the MatMul input (``TensorStats.sqnr_u8``) rises -- LayerNorm outputs gain ~6 dB, FFN
   down-projection inputs lose (their weight rows vary more than the activation channels).
@@ -198,10 +200,13 @@ def _as_channel_vector(arr: np.ndarray, c: int) -> np.ndarray | None:
 
 
 def smooth(model: ModelProto, stats: dict[str, TensorStats], alpha: float = 0.5,
-           only: set[str] | None = None) -> tuple[ModelProto, list[dict[str, Any]]]:
+           only: set[str] | None = None, allow_mul: bool = True) -> tuple[ModelProto, list[dict[str, Any]]]:
     """A copy of ``model`` with activation outliers migrated into the MatMul weights at every site (or
     the sites whose tensor is in ``only``), and one record per site: how the scale was applied
-    ('folded into <node>' or 'Mul inserted'), the activation max before/after."""
+    ('folded into <node>' or 'Mul inserted'), the activation max before/after. ``allow_mul=False``
+    leaves a site unsmoothed where no producer can take the scale: the inserted Mul and the
+    QuantizeLinear after it are two passes over the tensor that onnxruntime fuses with nothing
+    (MiniLM: 17 Muls cost 0.17x of the float latency at batch 1)."""
     m = copy.deepcopy(model)
     inits = _constants(m)
     producer = {o: n for n in m.graph.node for o in n.output}
@@ -241,11 +246,13 @@ def smooth(model: ModelProto, stats: dict[str, TensorStats], alpha: float = 0.5,
         s = np.ones(c)
         ok = (a > 0) & (w > 0)
         s[ok] = np.clip(a[ok] ** alpha / w[ok] ** (1 - alpha), MIN_SCALE, MAX_SCALE)
-        for n, wt in zip(mms, weights):
-            set_init(n.input[1], wt * s[:, None], n, 1)
         readers = consumers.get(site.tensor, [])
         others = [r for r in readers if r.name not in site.matmuls and r.op_type != "Shape"]
-        how = _fold(m, site.tensor, 1.0 / s, producer.get(site.tensor), others, inits, set_init, consumers)
+        how = _fold(m, site.tensor, 1.0 / s, producer, others, inits, set_init, consumers)
+        if how is None and not allow_mul:
+            continue
+        for n in mms:  # re-read: a fold above may have rescaled this weight's columns (V -> output)
+            set_init(n.input[1], numpy_helper.to_array(inits[n.input[1]]).astype(np.float64) * s[:, None], n, 1)
         if how is None:
             inv = fresh(f"{site.tensor}_smooth_inv")
             m.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inv))
@@ -279,12 +286,15 @@ def smooth(model: ModelProto, stats: dict[str, TensorStats], alpha: float = 0.5,
     return m, records
 
 
-def _fold(m: ModelProto, tensor: str, inv: np.ndarray, prod: onnx.NodeProto | None, others: list,
+def _fold(m: ModelProto, tensor: str, inv: np.ndarray, producer: dict, others: list,
           inits: dict, set_init, consumers: dict) -> str | None:
     """Fold ``X *= inv`` into the producer of X when only the smoothed MatMuls read X; None if it cannot."""
+    prod = producer.get(tensor)
     if prod is None or others:
         return None
     c = inv.size
+    if prod.op_type == "Reshape":
+        return _fold_into_value(tensor, inv, producer, inits, set_init, consumers)
     if prod.op_type == "LayerNormalization" and len(prod.input) >= 2 and all(
             i in inits for i in prod.input[1:3] if i):
         for slot in (1, 2):
@@ -322,3 +332,77 @@ def _fold(m: ModelProto, tensor: str, inv: np.ndarray, prod: onnx.NodeProto | No
         set_init(mul.input[g], gamma * inv, mul, g)
         return f"folded into {mul.name} / {prod.name} (gamma, beta)"
     return None
+
+
+def _perm(node: onnx.NodeProto) -> list[int]:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
+
+
+def _shape_tail(shape: str, rank: int, producer: dict, inits: dict) -> tuple[int, int] | None:
+    """The last two entries of a Reshape target of ``rank`` entries: a constant, or a Concat whose last
+    two parts are constants (an export's ``x.size()[:-1] + (heads, head_dim)``); None if not known."""
+    if shape in inits:
+        v = numpy_helper.to_array(inits[shape]).reshape(-1)
+        return (int(v[-2]), int(v[-1])) if v.size == rank else None
+    cat = producer.get(shape)
+    if cat is None or cat.op_type != "Concat" or not all(t in inits for t in cat.input[-2:]):
+        return None
+    parts = [numpy_helper.to_array(inits[t]).reshape(-1) for t in cat.input[-2:]]
+    if any(p.size != 1 for p in parts) or len(cat.input) != rank:  # each leading part one entry (Shape->Gather)
+        return None
+    return int(parts[0][0]), int(parts[1][0])
+
+
+def _fold_into_value(tensor: str, inv: np.ndarray, producer: dict, inits: dict, set_init,
+                     consumers: dict) -> str | None:
+    """The attention context ``Reshape(Transpose(P @ Transpose(Reshape(X Wv + bv))))`` scales channel j
+    exactly as column j of Wv and bv do (P @ V is linear in V, the head split/merge only moves axes),
+    so ``ctx / s`` is folded into the value projection: Wv[:, j] / s_j, bv_j / s_j (the SmoothQuant
+    paper's V -> output-projection fold). Only this exact chain, each tensor with one reader, the
+    split a constant [.., -1 or H, D] and the two Transposes inverse with the last axis kept."""
+    def only_reader(t: str) -> bool:
+        return len([r for r in consumers.get(t, []) if r.op_type != "Shape"]) == 1
+
+    merge = producer.get(tensor)
+    t2 = producer.get(merge.input[0])
+    if t2 is None or t2.op_type != "Transpose" or not only_reader(merge.input[0]):
+        return None
+    pv = producer.get(t2.input[0])
+    if pv is None or pv.op_type != "MatMul" or not only_reader(t2.input[0]) or pv.input[1] in inits:
+        return None
+    t1 = producer.get(pv.input[1])
+    if t1 is None or t1.op_type != "Transpose" or not only_reader(pv.input[1]):
+        return None
+    p1, p2 = _perm(t1), _perm(t2)
+    r = len(p1)
+    if r < 3 or len(p2) != r or p1[-1] != r - 1 or p2[-1] != r - 1 or [p1[p2[i]] for i in range(r)] != list(range(r)):
+        return None
+    split = producer.get(t1.input[0])
+    if split is None or split.op_type != "Reshape" or not only_reader(t1.input[0]):
+        return None
+    tail = _shape_tail(split.input[1], r, producer, inits)
+    if tail is None or tail[1] <= 0 or inv.size % tail[1] or tail[0] not in (-1, inv.size // tail[1]):
+        return None
+    v = split.input[0]
+    add = producer.get(v)
+    if add is None or not only_reader(v):
+        return None
+    if add.op_type == "Add":
+        k = next((i for i, t in enumerate(add.input) if t in inits), None)
+        if k is None:
+            return None
+        bias = _as_channel_vector(numpy_helper.to_array(inits[add.input[k]]), inv.size)
+        mm = producer.get(add.input[1 - k])
+        if bias is None or mm is None or not only_reader(add.input[1 - k]):
+            return None
+    else:
+        k, bias, mm = None, None, add
+    if mm.op_type != "MatMul" or mm.input[1] not in inits:
+        return None
+    w = numpy_helper.to_array(inits[mm.input[1]])
+    if w.ndim != 2 or w.shape[1] != inv.size:
+        return None
+    set_init(mm.input[1], w * inv[None, :], mm, 1)
+    if bias is not None:
+        set_init(add.input[k], bias * inv, add, k)
+    return f"folded into {mm.name} (value projection columns{' and bias' if bias is not None else ''})"
