@@ -67,6 +67,9 @@ class _Layer:
     node: gs.Node
     out_keep: np.ndarray | None  # kept output positions of the original output (None: all)
     bias_add: tuple[gs.Node, int] | None = None  # MatMul: the Add holding its bias, and which input
+    # (residual input, sum): the layer's output is added to a residual stream; the target is then the original
+    # sum minus the pruned model's residual, so the layer also makes up for what earlier layers lost there
+    residual: tuple[str, str] | None = None
     A: np.ndarray | None = None
     B: np.ndarray | None = None
     yy: float = 0.0
@@ -196,11 +199,12 @@ def _conv_rows(node: gs.Node, w: np.ndarray, x: np.ndarray, y: np.ndarray, n_row
     return patches, y[bi, :, ii, jj], bi
 
 
-def _rows(node: gs.Node, x: np.ndarray, y: np.ndarray, n_rows: int,
-          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _rows(node: gs.Node, x: np.ndarray, y: np.ndarray, n_rows: int, rng: np.random.Generator,
+          valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A layer's design rows with a bias column (float32), its targets, and each row's sample in the batch:
     im2col positions of a Conv, or rows of the flattened leading axes of a Gemm/MatMul input; at most
-    ``n_rows``, sampled without replacement."""
+    ``n_rows``, sampled without replacement. ``valid`` ([batch, sequence] of a MatMul input [B, S, F]):
+    the rows that are real tokens (padding rows are dropped, see ``token_mask``)."""
     if node.op == "Conv":
         xr, yr, sample = _conv_rows(node, np.asarray(const_value(node.inputs[1])), x, y, n_rows, rng)
     else:
@@ -208,6 +212,9 @@ def _rows(node: gs.Node, x: np.ndarray, y: np.ndarray, n_rows: int,
         b = x.shape[0] if x.ndim > 1 else 1
         per = len(xr) // b if b and len(xr) % b == 0 else len(xr)  # rows per sample
         sample = np.arange(len(xr)) // max(per, 1)
+        if valid is not None and x.ndim == 3 and y.ndim == 3 and valid.shape == x.shape[:2]:
+            real = valid.reshape(-1)
+            xr, yr, sample = xr[real], yr[real], sample[real]
         if len(xr) > n_rows:
             pick = rng.choice(len(xr), n_rows, replace=False)
             xr, yr, sample = xr[pick], yr[pick], sample[pick]
@@ -228,6 +235,31 @@ def _bias_add(node: gs.Node, graph: gs.Graph) -> tuple[gs.Node, int] | None:
         if v is not None and np.asarray(v).dtype.kind == "f" and (v.ndim <= 1 or all(d == 1 for d in v.shape[:-1])):
             return add, k
     return None
+
+
+def token_mask(feeds: dict[str, np.ndarray]) -> np.ndarray | None:
+    """[batch, sequence] bool of the real tokens, from a 2-D integer/bool input named like an attention mask
+    (``attention_mask``, ``input_mask``): padding positions are rows that no real token reads (the mask hides
+    them from attention and mean pooling skips them), so fitting them spends the refit on nothing."""
+    for name, v in feeds.items():
+        if "mask" in name.lower() and v.ndim == 2 and v.dtype.kind in "biu" and v.any():
+            return v != 0
+    return None
+
+
+def _residual(layer: _Layer, graph: gs.Graph) -> tuple[str, str] | None:
+    """(residual input, sum) when the layer's biased output goes only into an Add with a same-shaped
+    non-constant tensor (a transformer's x + sublayer(x) before its LayerNorm)."""
+    if layer.bias_add is None or (layer.out_keep is not None and not layer.out_keep.all()):
+        return None
+    out = layer.bias_add[0].outputs[0]
+    if len(out.outputs) != 1 or any(o is out for o in graph.outputs) or out.outputs[0].op != "Add":
+        return None
+    add = out.outputs[0]
+    other = [t for t in add.inputs if t is not out]
+    if len(other) != 1 or const_value(other[0]) is not None:  # same shape: checked on the data (refit_layers)
+        return None
+    return other[0].name, add.outputs[0].name
 
 
 def _current(layer: _Layer) -> tuple[np.ndarray, np.ndarray | None]:
@@ -294,11 +326,16 @@ def _write(layer: _Layer, mat: np.ndarray, bias: np.ndarray | None, tag: str) ->
 def refit_layers(graph: gs.Graph, nodes: dict[int, gs.Node], an: Analysis, keep: np.ndarray,
                  original: ModelProto, template: ModelProto, calib: CalibrationData, *, batch: int = 64,
                  ridge: float | None = None, max_rows: int = DEFAULT_MAX_ROWS, seed: int = 0,
+                 sequential: bool = True, residual: bool = True,
                  progress: Callable[[str], None] = lambda m: None) -> list[LayerFit]:
     """Refit, in place on the pruned ``graph``, every consumer that lost input channels (see module doc).
 
     ``ridge``: a fixed strength for every layer; None: DEFAULT_RIDGE where rows are plenty, else chosen
-    by cross-validation."""
+    by cross-validation. ``sequential``: a layer sees its inputs after every layer upstream was refit
+    (False: all layers fitted at once on the pruned, unrefitted model -- the faster, worse way, kept to
+    measure the difference). ``residual``: fit a residual branch to the original sum minus the pruned
+    residual (Kwon et al. 2022's layer-wise reconstruction of the whole block output), not to its own
+    original output."""
     from onnxslim.runtime import make_session
 
     rng = np.random.default_rng(seed)
@@ -319,6 +356,7 @@ def refit_layers(graph: gs.Graph, nodes: dict[int, gs.Node], an: Analysis, keep:
         layer = _Layer(node, out_keep, fold=_Layer(node, out_keep))
         if node.op == "MatMul":
             layer.bias_add = _bias_add(node, graph)
+            layer.residual = _residual(layer, graph) if residual else None
         layers.append(layer)
     if not layers:
         return fits
@@ -343,15 +381,17 @@ def refit_layers(graph: gs.Graph, nodes: dict[int, gs.Node], an: Analysis, keep:
         upstream[k] = found
     level = {}
     for k in range(len(layers)):  # consumers come in topological order, so upstream levels are known
-        level[k] = 1 + max((level[u] for u in upstream[k] if u in level), default=-1)
+        level[k] = 1 + max((level[u] for u in upstream[k] if u in level), default=-1) if sequential else 0
     n_levels = max(level.values()) + 1
     n_batches = max(1, -(-calib.size // batch))
 
     for lv in range(n_levels):
         todo = [layers[k] for k in range(len(layers)) if level[k] == lv]
         progress(f"prune: refit {sum(1 for k in level if level[k] < lv)}/{len(layers)} layers")
-        pruned = _with_outputs(to_proto(graph, template), [la.node.inputs[0].name for la in todo])
-        teacher = _with_outputs(original, [la.node.outputs[0].name for la in todo])
+        pruned = _with_outputs(to_proto(graph, template), [la.node.inputs[0].name for la in todo]
+                               + [la.residual[0] for la in todo if la.residual])
+        teacher = _with_outputs(original, [la.residual[1] if la.residual else la.node.outputs[0].name
+                                           for la in todo])
         sp, so = make_session(pruned), make_session(teacher)
         p_names = [o.name for o in sp.get_outputs()]
         o_names = [o.name for o in so.get_outputs()]
@@ -359,14 +399,20 @@ def refit_layers(graph: gs.Graph, nodes: dict[int, gs.Node], an: Analysis, keep:
         for feeds in calib.batches(batch):
             px = dict(zip(p_names, sp.run(p_names, feeds)))
             oy = dict(zip(o_names, so.run(o_names, feeds)))
+            valid = token_mask(feeds)
             for la in todo:
                 rows_per_batch = max(64, min(max_rows, max(4096, ROWS_PER_FEATURE * la.features)) // n_batches)
                 x = np.asarray(px[la.node.inputs[0].name], np.float32)
-                y = np.asarray(oy[la.node.outputs[0].name], np.float32)
+                if la.residual and px[la.residual[0]].shape != oy[la.residual[1]].shape:
+                    la.residual = None  # a broadcast add, not a residual stream (seen on the first batch)
+                if la.residual:
+                    y = np.asarray(oy[la.residual[1]], np.float32) - np.asarray(px[la.residual[0]], np.float32)
+                else:
+                    y = np.asarray(oy[la.node.outputs[0].name], np.float32)
                 if la.out_keep is not None:
                     y = np.compress(la.out_keep, y, axis=1 if la.node.op in ("Conv", "Gemm") else y.ndim - 1)
                 # float32 products per batch (half the time), summed across batches in float64
-                xr, yr, sample = _rows(la.node, x, y, rows_per_batch, rng)
+                xr, yr, sample = _rows(la.node, x, y, rows_per_batch, rng, valid)
                 even = (offset + sample) % 2 == 0
                 if even.all():
                     la.fold.add(xr, yr)
@@ -529,11 +575,12 @@ class ReconSelector:
         n_batches = max(1, -(-calib.size // batch))
         for feeds in calib.batches(batch):
             got = dict(zip(out_names, sess.run(out_names, feeds)))
+            valid = token_mask(feeds)
             for _, la, _ in layers:
                 x = np.asarray(got[la.node.inputs[0].name], np.float32)
                 y = np.asarray(got[la.node.outputs[0].name], np.float32)
                 rows = max(64, min(max_rows, max(4096, ROWS_PER_FEATURE * la.features)) // n_batches)
-                xr, yr, _ = _rows(la.node, x, y, rows, rng)
+                xr, yr, _ = _rows(la.node, x, y, rows, rng, valid)
                 if isinstance(la.A, dict):
                     la.yy += float(np.square(yr, dtype=np.float64).sum())
                     w = la.B.astype(np.float32)
