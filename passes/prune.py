@@ -57,6 +57,9 @@ class PruneOptions:
                                      "channels).", choices=SCOPES)
     prune_head_ratio: float | None = option(None, "Fraction of attention heads removed per layer (default: "
                                                   "--prune-ratio).", min=0.0, max=0.95)
+    prune_allocate: str = option("uniform", "Per-group ratios of --prune-ratio: uniform, or predicted (the same "
+                                            "parameter budget spread over the groups by the refit's predicted "
+                                            "error; needs --calib).", choices=("uniform", "predicted"))
     prune_ridge: float | None = option(None, "Ridge strength of the refit, relative to the mean input energy "
                                              "(default: 0.01 for layers with many rows per input, else chosen "
                                              "by cross-validation over the calibration samples).", min=0.0)
@@ -147,6 +150,14 @@ class Prune(Pass):
         else:
             heads = ratio if o.prune_head_ratio is None else o.prune_head_ratio
             ratios = {g.id: float(heads if g.kind == "heads" else ratio) for g in an.groups if g.prunable}
+            if o.prune_allocate == "predicted":
+                from onnxslim.prune.sensitivity import allocate_predicted
+
+                if select is None:
+                    raise InputError("prune: --prune-allocate predicted needs --calib and the recon importance")
+                with timed("select"):
+                    ratios, report["allocation"] = allocate_predicted(select, an, imp, ratios, round_to=s["round_to"],
+                                                                      min_channels=s["min_channels"])
         report["ratios"] = ratios
         with timed("select"):
             keep = ch.plan(an, ratios, imp, round_to=s["round_to"], min_channels=s["min_channels"], select=select)

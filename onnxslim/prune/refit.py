@@ -561,6 +561,9 @@ class ReconSelector:
                 continue
             feat = np.concatenate([np.repeat(pos_code, per), [-1]])  # the bias column is never removed
             la = _Layer(node, None)
+            if node.op == "MatMul":
+                la.bias_add = _bias_add(node, an.graph)
+                la.residual = _residual(la, an.graph)
             if la.features > MAX_DENSE_FEATURES:
                 la.yy = 0.0
                 la.A = {int(v): 0.0 for v in np.unique(feat[feat >= 0])}  # per-unit energy, no d x d state
@@ -570,6 +573,9 @@ class ReconSelector:
             return
         progress("prune: channel selection statistics")
         names = [la.node.inputs[0].name for _, la, _ in layers] + [la.node.outputs[0].name for _, la, _ in layers]
+        names += [la.residual[1] for _, la, _ in layers if la.residual]
+        # per reader: [rows, output energy, residual-sum rows, residual-sum energy] (see ``weight`` below)
+        energy = {id(la): [0, 0.0, 0, 0.0] for _, la, _ in layers}
         sess = make_session(_with_outputs(model, list(dict.fromkeys(names))))
         out_names = [o.name for o in sess.get_outputs()]
         n_batches = max(1, -(-calib.size // batch))
@@ -581,6 +587,16 @@ class ReconSelector:
                 y = np.asarray(got[la.node.outputs[0].name], np.float32)
                 rows = max(64, min(max_rows, max(4096, ROWS_PER_FEATURE * la.features)) // n_batches)
                 xr, yr, _ = _rows(la.node, x, y, rows, rng, valid)
+                e = energy[id(la)]
+                e[0] += len(yr)
+                e[1] += float(np.square(yr, dtype=np.float64).sum())
+                if la.residual:
+                    sm = np.asarray(got[la.residual[1]], np.float32)
+                    if valid is not None and sm.ndim == 3 and valid.shape == sm.shape[:2]:
+                        sm = sm[valid]
+                    sm = sm.reshape(-1, sm.shape[-1])
+                    e[2] += len(sm)
+                    e[3] += float(np.square(sm, dtype=np.float64).sum())
                 if isinstance(la.A, dict):
                     la.yy += float(np.square(yr, dtype=np.float64).sum())
                     w = la.B.astype(np.float32)
@@ -591,9 +607,15 @@ class ReconSelector:
                 la.add(xr, yr)
         for c, la, feat in layers:
             groups = {int(v >> 32) for v in feat if v >= 0}
+            # A reader's costs are relative to its own output energy; a residual branch's error lands in the
+            # residual stream, which the LayerNorm after it normalizes: ``weight`` converts to the error
+            # relative to that sum (per row), the currency in which the layers of a model compare (allocate).
+            e = energy[id(la)]
+            weight = (e[1] / max(e[0], 1)) / (e[3] / e[2]) if e[2] and e[3] > 0 else 1.0
             if isinstance(la.A, dict):
                 scale = 1.0 / max(la.yy, 1e-30)
-                self.readers.append({"cost": {k: v * scale for k, v in la.A.items()}, "groups": groups})
+                self.readers.append({"cost": {k: v * scale for k, v in la.A.items()}, "groups": groups,
+                                     "weight": weight})
                 la.A = la.B = None
                 continue
             d = la.A.shape[0] - 1
@@ -604,11 +626,14 @@ class ReconSelector:
             except np.linalg.LinAlgError:
                 p = np.linalg.pinv(la.A + np.diag(reg))
             self.readers.append({"P": p, "beta": p @ la.B, "feat": feat, "scale": 1.0 / max(la.yy, 1e-30),
-                                 "groups": groups})
+                                 "groups": groups, "weight": weight})
             la.A = la.B = None
 
     @one_blas_thread()
-    def __call__(self, removals: dict[str, int]) -> list[tuple[str, int]]:
+    def __call__(self, removals: dict[str, int],
+                 curves: dict[str, list[tuple[int, float]]] | None = None) -> list[tuple[str, int]]:
+        """(group id, unit) pairs to remove, ``removals[group id]`` per group. ``curves``, when given, gets per
+        group the predicted error after each greedy step: (units removed, summed weighted cost)."""
         chosen: list[tuple[str, int]] = []
         state = [dict(r, P=r["P"].copy(), beta=r["beta"].copy(), feat=r["feat"].copy()) if "P" in r else r
                  for r in self.readers]
@@ -626,16 +651,26 @@ class ReconSelector:
             # budget the group is chosen in one step from the first costs (no downdate between removals).
             work = sum(len(r["feat"]) ** 2 * np.count_nonzero((r["feat"] >> 32) == gi) for r in mine if "P" in r)
             one_step = work * n / max(len(g.units), 1) > DOWNDATE_BUDGET
+            curve, total = [(0, 0.0)], 0.0
             while n > 0:
                 step = n if one_step else max(1, n // 16)
                 costs = np.zeros(len(g.units))
+                weighted = np.zeros(len(g.units))
                 for r in mine:
                     if "cost" in r:
-                        costs += [r["cost"].get((gi << 32) + u, 0.0) for u in range(len(g.units))]
+                        c = np.array([r["cost"].get((gi << 32) + u, 0.0) for u in range(len(g.units))])
                     else:
-                        costs += _unit_costs(r, gi, len(g.units))
-                costs = costs[left]
-                drop = [left[k] for k in np.argsort(costs, kind="stable")[:step]]
+                        c = _unit_costs(r, gi, len(g.units))
+                    costs += c
+                    weighted += r.get("weight", 1.0) * c
+                costs, weighted = costs[left], weighted[left]
+                order = np.argsort(costs, kind="stable")[:step]
+                drop = [left[k] for k in order]
+                # the cost of a unit grows as others go (downdates): the step's cost is each unit's cost
+                # at the start of the step, accumulated in order (a lower bound within a step)
+                for k in order:
+                    total += float(weighted[k])
+                    curve.append((curve[-1][0] + 1, total))
                 for r in mine:
                     if "P" in r:
                         codes = [(gi << 32) + u for u in drop]
@@ -643,6 +678,8 @@ class ReconSelector:
                 chosen += [(g.id, int(u)) for u in drop]
                 left = [u for u in left if u not in drop]
                 n -= len(drop)
+            if curves is not None:
+                curves[g.id] = curve
         return chosen
 
 
