@@ -9,7 +9,9 @@
 2. Rank each group's channels by weight norm (L1/L2, times the scale of a following BatchNorm),
    summed over the group's layers; keep ``1 - ratio`` of them, rounded to multiples of --round-to.
    ``--prune-target params=F|macs=F`` instead picks one ratio per group from a sensitivity analysis
-   on the calibration data (onnxslim.prune.sensitivity) to remove that fraction with the least drift.
+   on the calibration data (onnxslim.prune.sensitivity) to remove that fraction with the least drift;
+   ``--prune-allocate predicted`` keeps --prune-ratio's parameter budget but spreads it over the groups by
+   the refit's closed-form predicted error (no extra model runs).
 3. Rewrite weights, biases, norms, per-channel constants, Split/Slice/Reshape/Resize parameters.
 4. With calibration data, refit every layer that lost inputs by least squares against the original
    model's outputs (onnxslim.prune.refit); ``--no-prune-refit`` turns it off. Layers with few rows per input

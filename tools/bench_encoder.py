@@ -237,6 +237,10 @@ PRUNE_ROWS = {
     "prune-0.3-heads0.17-512": ("lossless,prune", ["--prune-ratio", "0.3", "--prune-head-ratio", "0.17"], 512),
     # 'p' rows: half the calibration sentences are perturbed copies (Task.calib(perturbed=0.5))
     "prune-0.3-512p": ("lossless,prune", ["--prune-ratio", "0.3"], "512p"),
+    # 'alloc' rows: the same parameter budget spread over the layers by predicted error (--prune-allocate)
+    "prune-0.3-512-alloc": ("lossless,prune", ["--prune-ratio", "0.3", "--prune-allocate", "predicted"], 512),
+    "prune-0.3-512p-alloc": ("lossless,prune", ["--prune-ratio", "0.3", "--prune-allocate", "predicted"], "512p"),
+    "prune-0.5-512p-alloc": ("lossless,prune", ["--prune-ratio", "0.5", "--prune-allocate", "predicted"], "512p"),
     "prune-0.5-512": ("lossless,prune", ["--prune-ratio", "0.5"], 512),
     "prune-0.5-512p": ("lossless,prune", ["--prune-ratio", "0.5"], "512p"),
     "prune-0.5": ("lossless,prune", ["--prune-ratio", "0.5"], 64),
