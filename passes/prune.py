@@ -9,7 +9,9 @@
 2. Rank each group's channels by weight norm (L1/L2, times the scale of a following BatchNorm),
    summed over the group's layers; keep ``1 - ratio`` of them, rounded to multiples of --round-to.
    ``--prune-target params=F|macs=F`` instead picks one ratio per group from a sensitivity analysis
-   on the calibration data (onnxslim.prune.sensitivity) to remove that fraction with the least drift.
+   on the calibration data (onnxslim.prune.sensitivity) to remove that fraction with the least drift;
+   ``--prune-allocate predicted`` keeps --prune-ratio's parameter budget but spreads it over the groups by
+   the refit's closed-form predicted error (no extra model runs).
 3. Rewrite weights, biases, norms, per-channel constants, Split/Slice/Reshape/Resize parameters.
 4. With calibration data, refit every layer that lost inputs by least squares against the original
    model's outputs (onnxslim.prune.refit); ``--no-prune-refit`` turns it off. Layers with few rows per input
@@ -57,6 +59,9 @@ class PruneOptions:
                                      "channels).", choices=SCOPES)
     prune_head_ratio: float | None = option(None, "Fraction of attention heads removed per layer (default: "
                                                   "--prune-ratio).", min=0.0, max=0.95)
+    prune_allocate: str = option("uniform", "Per-group ratios of --prune-ratio: uniform, or predicted (the same "
+                                            "parameter budget spread over the groups by the refit's predicted "
+                                            "error; needs --calib).", choices=("uniform", "predicted"))
     prune_ridge: float | None = option(None, "Ridge strength of the refit, relative to the mean input energy "
                                              "(default: 0.01 for layers with many rows per input, else chosen "
                                              "by cross-validation over the calibration samples).", min=0.0)
@@ -147,6 +152,14 @@ class Prune(Pass):
         else:
             heads = ratio if o.prune_head_ratio is None else o.prune_head_ratio
             ratios = {g.id: float(heads if g.kind == "heads" else ratio) for g in an.groups if g.prunable}
+            if o.prune_allocate == "predicted":
+                from onnxslim.prune.sensitivity import allocate_predicted
+
+                if select is None:
+                    raise InputError("prune: --prune-allocate predicted needs --calib and the recon importance")
+                with timed("select"):
+                    ratios, report["allocation"] = allocate_predicted(select, an, imp, ratios, round_to=s["round_to"],
+                                                                      min_channels=s["min_channels"])
         report["ratios"] = ratios
         with timed("select"):
             keep = ch.plan(an, ratios, imp, round_to=s["round_to"], min_channels=s["min_channels"], select=select)

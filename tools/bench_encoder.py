@@ -168,9 +168,17 @@ class Task:
     def batches(self, size: int = 16) -> list[dict[str, np.ndarray]]:
         return [self.encode(self.texts[i:i + size]) for i in range(0, len(self.texts), size)]
 
-    def calib(self, n: int = 64, seed: int = 99) -> dict[str, np.ndarray]:
-        """Other template sentences, padded to one length (an .npz holds one array per input)."""
+    def calib(self, n: int = 64, seed: int = 99, perturbed: float = 0.0) -> dict[str, np.ndarray]:
+        """Other template sentences, padded to one length (an .npz holds one array per input).
+
+        ``perturbed``: the share of them replaced by a perturbed copy (own random edits, see ``perturb``), so
+        that the calibration also has the typos' rare word pieces the evaluated copies have; never an
+        evaluated sentence or copy."""
         texts = [t for t in sentences(n + len(self.texts), seed) if t not in set(self.originals)][:n]
+        rng = np.random.default_rng(seed + 1)
+        # spread evenly: sentence k is replaced when the running share k * perturbed steps up
+        texts = [perturb(t, rng) if int((k + 1) * perturbed) > int(k * perturbed) else t for k, t in enumerate(texts)]
+        texts = [t for t in texts if t not in set(self.texts)]
         longest = max(len(e.ids) for e in self.tok.encode_batch(texts))
         return self.encode(texts, length=longest)
 
@@ -227,6 +235,14 @@ PRUNE_ROWS = {
     "prune-0.3-512": ("lossless,prune", ["--prune-ratio", "0.3"], 512),
     "prune-0.3-channels-512": ("lossless,prune", ["--prune-ratio", "0.3", "--prune-scope", "channels"], 512),
     "prune-0.3-heads0.17-512": ("lossless,prune", ["--prune-ratio", "0.3", "--prune-head-ratio", "0.17"], 512),
+    # 'p' rows: half the calibration sentences are perturbed copies (Task.calib(perturbed=0.5))
+    "prune-0.3-512p": ("lossless,prune", ["--prune-ratio", "0.3"], "512p"),
+    # 'alloc' rows: the same parameter budget spread over the layers by predicted error (--prune-allocate)
+    "prune-0.3-512-alloc": ("lossless,prune", ["--prune-ratio", "0.3", "--prune-allocate", "predicted"], 512),
+    "prune-0.3-512p-alloc": ("lossless,prune", ["--prune-ratio", "0.3", "--prune-allocate", "predicted"], "512p"),
+    "prune-0.5-512p-alloc": ("lossless,prune", ["--prune-ratio", "0.5", "--prune-allocate", "predicted"], "512p"),
+    "prune-0.5-512": ("lossless,prune", ["--prune-ratio", "0.5"], 512),
+    "prune-0.5-512p": ("lossless,prune", ["--prune-ratio", "0.5"], "512p"),
     "prune-0.5": ("lossless,prune", ["--prune-ratio", "0.5"], 64),
     "prune-0.5+distill": ("lossless,prune,distill", ["--prune-ratio", "0.5"], 64),
     "prune-0.5+distill-512": ("lossless,prune,distill", ["--prune-ratio", "0.5"], 512),
@@ -237,7 +253,8 @@ def prune_row(src: Path, dst: Path, name: str, task: "Task", work: Path) -> tupl
     passes, extra, n = PRUNE_ROWS[name]
     calib = work / f"calib_{n}.npz"
     if not calib.exists():
-        np.savez(calib, **task.calib(n))
+        size = int(str(n).rstrip("p"))
+        np.savez(calib, **task.calib(size, perturbed=0.5 if str(n).endswith("p") else 0.0))
     cli = [sys.executable, "-c", "import sys; from onnxslim.cli import main; sys.exit(main())"]
     cmd = cli + [str(src), str(dst), "--passes", passes, "--quiet", "--force", "--calib", str(calib)] + extra
     t0 = time.perf_counter()
