@@ -4,7 +4,7 @@ Exported and quantized graphs name their tensors after the layer path (``conv10_
 bias_fused_quantized_zero_point``); on a small model those strings are a large share of the file (PP-OCR cls
 after INT8: 96 KB of a 303 KB file). Renaming is lossless and onnxruntime does not care, but the names
 help whoever debugs the model, so this pass is not in the lossless preset: ``--objective size`` appends it
-(onnxslim.api), or name it in ``--passes``.
+(the run appends it to a lossy pipeline), or name it in ``--passes``.
 
 Names are given in order of definition (inputs, initializers, node outputs, subgraphs where their node
 stands), so a second run renames nothing. One mapping covers every graph: a subgraph's reference to an
