@@ -14,6 +14,10 @@ Never folded: nondeterministic ops, custom domains, nodes with subgraphs, nodes 
 functions, DequantizeLinear (it would undo weight quantization). An If with a constant condition is
 not inlined either: its branches may hide shapes that onnxruntime accepts at run time but rejects once
 they are visible at load time (onnx's AffineGrid function body feeds a [1] tensor to Range that way).
+For the same reason the nodes computing an If condition never fold. Constant-only inputs of runtime
+nodes in front of a condition (silero_vad's reflect-Pad pads, computed by a ConstantOfShape/Concat/
+Reshape/Slice/Transpose chain) do fold, but only after a light copy with them folded still loads in
+onnxruntime (``onnxslim.loadcheck``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ Every element of such a target is followed symbolically (a constant, dim k of so
 
 - dim i of the Reshape's own data input at position i becomes ``0`` (copy the input's dim), also when it is
   read from another tensor whose dim has the same symbolic name (the IR's rule: one name, one size; names on
-  custom-op outputs are not trusted, their value_info may be stale). Only where the Reshape copies zeros
+  custom-op outputs are not trusted, their value_info may be stale), or when both dims provably copy one
+  dim upstream: through same-shape unary ops, Transpose, Gemm's rows, a Reshape's 0, and a Reshape's -1
+  that takes exactly the input's one symbolic dim (the other dims' products agree: [T,1,2,512] -> [-1,1024]
+  has T rows, where shape inference names a fresh dim). Only where the Reshape copies zeros
   (``allowzero`` absent or 0);
 - a static dim becomes its value;
 - one element left unknown becomes ``-1`` when every other element is a nonzero constant (their product
