@@ -172,3 +172,40 @@ def test_reshape_that_splits_the_dynamic_dim_is_not_followed():
     result, report = onnxslim.optimize(m, passes="lossless")
     assert report.validation["passed"] and op_histogram(result)["Shape"] == 1
     assert_identical(m, result, feeds)
+
+
+# -- slice-merge: axes the merged Slice takes whole are left out ---------------------------------------
+
+def stft_halves(end: int = 2**63 - 1, step: int = 1) -> onnx.ModelProto:
+    """x[N, 6, T] -> Slice(all axes, whole on 0 and 2) -> Slice(axis 1) twice: silero's real/imag halves."""
+    big = np.iinfo(np.int64).max
+    nodes = [h.make_node("Slice", ["x", "z3", "e3", "ax3", "st3"], ["full"]),
+             h.make_node("Slice", ["full", "s_lo", "e_lo", "ax1"], ["lo"]),
+             h.make_node("Slice", ["full", "s_hi", "e_hi", "ax1"], ["hi"]),
+             h.make_node("Add", ["lo", "hi"], ["y"])]
+    inits = [c("z3", np.zeros(2, np.int64)), c("e3", np.array([big, end], np.int64)), c("ax3", np.array([0, 2], np.int64)),
+             c("st3", np.array([1, step], np.int64)), c("s_lo", np.array([0], np.int64)), c("e_lo", np.array([3], np.int64)),
+             c("s_hi", np.array([3], np.int64)), c("e_hi", np.array([big], np.int64)), c("ax1", np.array([1], np.int64))]
+    return make(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["N", 6, "T"])],
+                [h.make_tensor_value_info("y", T.FLOAT, ["N", 3, None])], inits, opset=13)
+
+
+def merged_axes(m):
+    out, res = one_pass("slice-merge", m)
+    assert res.stats["slices_merged"] == 2
+    inits = {i.name: nh.to_array(i) for i in out.graph.initializer}
+    return out, sorted(tuple(inits[n.input[3]].tolist()) for n in out.graph.node if n.op_type == "Slice")
+
+
+def test_merged_slices_keep_only_the_axis_they_cut():
+    m = stft_halves()
+    out, axes = merged_axes(m)
+    assert axes == [(1,), (1,)] and node_count(out) == node_count(m) - 1
+    assert_identical(m, out, [{"x": RNG.standard_normal((n, 6, t)).astype(np.float32)} for n, t in ((1, 5), (2, 1))])
+
+
+def test_axes_not_taken_whole_stay_in_the_merged_slice():
+    for m in (stft_halves(end=4), stft_halves(step=2)):  # a cut on axis 2 (end 4, or every other column)
+        out, axes = merged_axes(m)
+        assert axes == [(2, 1), (2, 1)]  # axis 0 is whole in both, axis 2 is not
+        assert_identical(m, out, [{"x": RNG.standard_normal((2, 6, 7)).astype(np.float32)}])
