@@ -14,6 +14,10 @@ Never folded: nondeterministic ops, custom domains, nodes with subgraphs, nodes 
 functions, DequantizeLinear (it would undo weight quantization). An If with a constant condition is
 not inlined either: its branches may hide shapes that onnxruntime accepts at run time but rejects once
 they are visible at load time (onnx's AffineGrid function body feeds a [1] tensor to Range that way).
+For the same reason the nodes computing an If condition never fold. Constant-only inputs of runtime
+nodes in front of a condition (silero_vad's reflect-Pad pads, computed by a ConstantOfShape/Concat/
+Reshape/Slice/Transpose chain) do fold, but only after a light copy with them folded still loads in
+onnxruntime (``onnxslim.loadcheck``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from onnxslim.errors import InputError
 from onnxslim.graph import (NONDETERMINISTIC_OPS, const_value, has_subgraph, is_default_domain, is_tensor,
-                            graph_and_bodies, placeholder, static_shape, toposort)
+                            graph_and_bodies, placeholder, static_shape, to_proto, toposort)
 from onnxslim.manager import Context, Pass, PassResult, register
 from onnxslim.options import option
 
@@ -252,32 +256,42 @@ class _Folder:
                       "left_by_size_limit": 0, "bytes_added": 0}
         self.notes: list[str] = []
         self.protected: set[int] = set()
+        self.only: set[int] | None = None  # when set, only these nodes may fold
 
     def allowed(self, in_bytes: int, out_bytes: int) -> bool:
         if out_bytes <= in_bytes:
             return True
         return out_bytes <= min(self.limit, max(SMALL_GROWTH, GROWTH_FACTOR * in_bytes))
 
-    def protect_if_conditions(self, graphs: list[gs.Graph]) -> None:
+    def protect_if_conditions(self, graphs: list[gs.Graph], strict: bool = True) -> set[int]:
         """Nodes that compute an If condition stay as they are. A constant condition makes onnxruntime
         inline the branch at load time, exposing shapes its checks reject although the model runs
-        (onnx's own AffineGrid function body does this)."""
+        (onnx's own AffineGrid function body does this).
+
+        A node reading a runtime value never folds, so its constant float inputs of static shape cannot
+        make the condition constant nor change a shape onnxruntime infers (an LSTM's weight re-ordering
+        behind Shape(LSTM(x)) folds). ``strict=False`` leaves out every constant-only input of such a
+        node (e.g. a Pad's pads or a Reshape's target computed by ConstantOfShape/Concat/Slice chains):
+        folding those can only add static dims onnxruntime's own constant folding would find at load,
+        but that is checked (``fold_near_conditions``), not assumed."""
+        protected: set[int] = set()
         stack = [n.inputs[0] for g in graphs for n in g.nodes if n.op == "If" and n.inputs and is_default_domain(n)]
         dyn: dict[int, bool] = {}
         while stack:
             t = stack.pop()
             for p in t.inputs:
-                if id(p) not in self.protected:
-                    self.protected.add(id(p))
-                    # A node reading a runtime value never folds, so its constant float inputs of static
-                    # shape cannot make the condition constant nor change a shape onnxruntime infers
-                    # (an LSTM's weight re-ordering behind Shape(LSTM(x)) folds; a Reshape's int target stays).
+                if id(p) not in protected:
+                    protected.add(id(p))
                     reads_runtime = any(_runtime(i, dyn) for i in p.inputs)
-                    stack.extend(i for i in p.inputs if not (reads_runtime and _weight_like(i, dyn)))
+                    skip = _weight_like if strict else (lambda i, memo: not _runtime(i, memo))
+                    stack.extend(i for i in p.inputs if not (reads_runtime and skip(i, dyn)))
+        return protected
 
     def fold_graph(self, g: gs.Graph) -> None:
         for node in list(g.nodes):
             if not node.outputs or not is_default_domain(node) or (id(node) in self.protected and node.op != "Constant"):
+                continue
+            if self.only is not None and id(node) not in self.only:
                 continue
             try:
                 if node.op == "Constant":
@@ -448,6 +462,53 @@ class _Folder:
             self.notes.append(f"{node.op} '{node.name or node.outputs[0].name}' left in place: {why}")
 
 
+def _positions(graph: gs.Graph, ids: set[int]) -> set[tuple[int, int]]:
+    """(graph index, node index) in ``graph_and_bodies`` order of the nodes whose id is in ``ids``."""
+    return {(gi, ni) for gi, g in enumerate(graph_and_bodies(graph)) for ni, n in enumerate(g.nodes) if id(n) in ids}
+
+
+def fold_near_conditions(graph: gs.Graph, folder: _Folder, ctx: Context) -> None:
+    """Fold the constant-only inputs of runtime nodes in front of If conditions (``strict=False`` above),
+    first on a light copy: kept only if that copy still loads in onnxruntime (when the graph did)."""
+    graphs = graph_and_bodies(graph)
+    extra = folder.protected - folder.protect_if_conditions(graphs, strict=False)
+    if not extra:
+        return
+    from onnxslim.loadcheck import LoadCheck, light_proto
+
+    light = light_proto(graph)
+    want = _positions(graph, extra)
+    trial = gs.import_onnx(light)
+    tgraphs = graph_and_bodies(trial)
+    if [[n.op for n in g.nodes] for g in tgraphs] != [[n.op for n in g.nodes] for g in graphs]:
+        return  # the copy does not line up with the graph: leave these nodes alone
+    tfolder = _Folder(trial, folder.limit)
+    tfolder.only = {id(g.nodes[ni]) for gi, g in enumerate(tgraphs) for ni in range(len(g.nodes)) if (gi, ni) in want}
+    for g in tgraphs:
+        tfolder.fold_graph(g)
+    folded = {(gi, ni) for gi, g in enumerate(tgraphs) for ni, n in enumerate(g.nodes)
+              if id(n) in tfolder.only and not any(o.inputs for o in n.outputs if o.name)}
+    if not folded:
+        return
+    check = LoadCheck(light, ctx.custom_op_library)
+    trial.cleanup(remove_unused_graph_inputs=False)
+    try:
+        model = to_proto(trial, onnx.ModelProto(ir_version=light.ir_version))
+    except Exception:  # noqa: BLE001 - a copy we cannot export is a copy that does not load
+        model = None
+    ok = check.mode is not None and model is not None and check.ok(model)
+    folder.stats["load_checks"] = folder.stats.get("load_checks", 0) + check.sessions
+    if not ok:
+        folder.notes.append(f"{len(folded)} constant node(s) in front of If conditions left: folded, the model "
+                            "no longer loads in onnxruntime")
+        return
+    folder.only = {id(g.nodes[ni]) for gi, g in enumerate(graphs) for ni in range(len(g.nodes)) if (gi, ni) in folded}
+    folder.protected -= folder.only
+    for g in graphs:
+        folder.fold_graph(g)
+    folder.only = None
+
+
 @register
 class ConstantFolding(Pass):
     name = "fold"
@@ -463,11 +524,17 @@ class ConstantFolding(Pass):
         except Exception as e:  # noqa: BLE001 - a cycle: evaluation order is undefined, fold nothing
             return PassResult(changed=False, notes=[f"not folded: graph is not a DAG ({type(e).__name__})"])
         graphs = graph_and_bodies(graph)
-        folder.protect_if_conditions(graphs)
+        folder.protected = folder.protect_if_conditions(graphs)
         for g in graphs:
             folder.fold_graph(g)
         s = folder.stats
-        changed = any(s[k] for k in ("nodes_folded", "constants_to_initializers", "shapes_folded"))
+        counts = ("nodes_folded", "constants_to_initializers", "shapes_folded")
+        changed = any(s[k] for k in counts)
         if changed:
+            graph.cleanup(remove_unused_graph_inputs=False)  # the copy fold_near_conditions tries lines up
+        before = sum(s[k] for k in counts)
+        fold_near_conditions(graph, folder, ctx)
+        if sum(s[k] for k in counts) > before:
+            changed = True
             graph.cleanup(remove_unused_graph_inputs=False)
         return PassResult(changed=changed, stats=dict(s), notes=folder.notes)

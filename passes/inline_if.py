@@ -45,14 +45,13 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxslim.graph import (NONDETERMINISTIC_OPS, const_value, has_subgraph, in_graph, is_default_domain,
                             is_tensor, iter_graphs, to_proto, toposort)
+from onnxslim.loadcheck import LoadCheck, light_proto
 from onnxslim.manager import Context, Pass, PassResult, register
 
 # Inputs of a node evaluated for a condition: shape-like values, never weights.
 EVAL_ELEMENTS = 1 << 16
 # Nodes evaluated per condition before giving up (a condition is a short chain of shape arithmetic).
 EVAL_NODES = 64
-# Initializers with more elements than this become typed inputs of the load-check copy.
-LIGHT_ELEMENTS = 4096
 # Ifs tried one by one when inlining them all together breaks loading.
 MAX_TRIALS = 32
 _BRANCH = {True: "then_branch", False: "else_branch"}
@@ -548,90 +547,7 @@ def inline_all(graph: gs.Graph, cands: list[_Candidate]) -> tuple[int, int]:
 
 # -- the load check -----------------------------------------------------------------------------------
 
-def _light_proto(graph: gs.Graph) -> onnx.ModelProto:
-    """The graph as a model whose large weights are typed graph inputs (no weight bytes copied)."""
-    swapped: list[tuple[gs.Constant, Any]] = []
-    stubs: set[str] = set()
-    done: set[int] = set()
-    try:
-        for g in iter_graphs(graph):
-            for n in g.nodes:
-                for t in n.inputs:
-                    if not isinstance(t, gs.Constant) or id(t) in done:
-                        continue
-                    done.add(id(t))
-                    shape = t.shape
-                    on_disk = isinstance(t._values, LazyValues) and t._values.tensor.data_location == onnx.TensorProto.EXTERNAL
-                    if on_disk or shape is None or int(np.prod(shape, dtype=np.int64)) > LIGHT_ELEMENTS:
-                        stub = onnx.TensorProto(name=t.name, data_type=_elem(t), dims=list(shape or []))
-                        swapped.append((t, t._values))
-                        t._values = LazyValues(stub)
-                        stubs.add(t.name)
-        template = onnx.ModelProto(ir_version=max(int(graph.ir_version or 8), 4))
-        model = to_proto(graph, template)
-    finally:
-        for t, values in swapped:
-            t._values = values
-    inputs = {v.name for v in model.graph.input}
-
-    def strip(g: onnx.GraphProto) -> None:
-        for i in reversed(range(len(g.initializer))):
-            t = g.initializer[i]
-            if t.name in stubs:
-                if t.name not in inputs:
-                    model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-                    inputs.add(t.name)
-                del g.initializer[i]
-        for n in g.node:
-            for a in n.attribute:
-                if a.HasField("g"):
-                    strip(a.g)
-                for sg in a.graphs:
-                    strip(sg)
-
-    strip(model.graph)
-    return model
-
-
-def _elem(t: gs.Constant) -> int:
-    if isinstance(t._values, LazyValues):
-        return t._values.tensor.data_type
-    return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
-
-
-class _LoadCheck:
-    """Whether a light model loads in onnxruntime (or, when the original cannot, passes strict inference)."""
-
-    def __init__(self, before: onnx.ModelProto, ctx: Context) -> None:
-        self.lib = ctx.custom_op_library
-        self.sessions = 0
-        self.mode = "ort" if self._ort(before) else "onnx" if self._onnx(before) else None
-
-    def _ort(self, model: onnx.ModelProto) -> bool:
-        from onnxslim.runtime import make_session
-
-        self.sessions += 1
-        try:
-            # Optimizations on, as in validation: onnxruntime's constant folding is what exposes static
-            # shapes to its re-run of shape inference (AffineGrid fails only then).
-            make_session(model, threads=1, custom_op_library=self.lib, prepack=False)
-            return True
-        except Exception:  # noqa: BLE001 - any load failure counts
-            return False
-
-    @staticmethod
-    def _onnx(model: onnx.ModelProto) -> bool:
-        try:
-            onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-            return True
-        except Exception:  # noqa: BLE001
-            return False
-
-    def ok(self, model: onnx.ModelProto) -> bool:
-        return self._ort(model) if self.mode == "ort" else self._onnx(model)
-
-
-def _trial(light: onnx.ModelProto, cands: list[_Candidate], check: _LoadCheck) -> bool:
+def _trial(light: onnx.ModelProto, cands: list[_Candidate], check: LoadCheck) -> bool:
     """Whether the light copy still loads with ``cands`` inlined (a copy: the model is not touched)."""
     try:
         g = gs.import_onnx(light)
@@ -671,8 +587,8 @@ class InlineIf(Pass):
         if not cands:
             return PassResult(changed=False, stats=stats)
         notes: list[str] = []
-        light = _light_proto(graph)
-        check = _LoadCheck(light, ctx)
+        light = light_proto(graph)
+        check = LoadCheck(light, ctx.custom_op_library)
         if check.mode is None:
             notes.append(f"{len(cands)} If node(s) with a known condition kept: the model cannot be load-checked")
             return PassResult(changed=False, stats=stats, notes=notes)

@@ -7,7 +7,10 @@ Every element of such a target is followed symbolically (a constant, dim k of so
 
 - dim i of the Reshape's own data input at position i becomes ``0`` (copy the input's dim), also when it is
   read from another tensor whose dim has the same symbolic name (the IR's rule: one name, one size; names on
-  custom-op outputs are not trusted, their value_info may be stale). Only where the Reshape copies zeros
+  custom-op outputs are not trusted, their value_info may be stale), or when both dims provably copy one
+  dim upstream: through same-shape unary ops, Transpose, Gemm's rows, a Reshape's 0, and a Reshape's -1
+  that takes exactly the input's one symbolic dim (the other dims' products agree: [T,1,2,512] -> [-1,1024]
+  has T rows, where shape inference names a fresh dim). Only where the Reshape copies zeros
   (``allowzero`` absent or 0);
 - a static dim becomes its value;
 - one element left unknown becomes ``-1`` when every other element is a nonzero constant (their product
@@ -131,18 +134,95 @@ def elems(t: gs.Tensor, depth: int = 0) -> list[Elem] | None:
     return None
 
 
+# Ops whose output has the input's shape (dim k of the output is dim k of input 0).
+_SAME_SHAPE = frozenset({"Relu", "Sigmoid", "Tanh", "Neg", "Abs", "Exp", "Log", "Sqrt", "Erf", "Identity", "Cast",
+                         "LeakyRelu", "Elu", "Selu", "HardSigmoid", "Softplus", "Softsign", "Clip", "Dropout",
+                         "Softmax", "LogSoftmax", "LayerNormalization", "BatchNormalization", "LRN", "Not",
+                         "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "HardSwish", "Mish", "Gelu"})
+
+
+def _static(d: Any) -> bool:
+    return isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0
+
+
+def _source_dim(t: gs.Tensor, k: int) -> tuple[gs.Tensor, int] | None:
+    """An input tensor and dim whose size dim ``k`` of ``t`` provably equals, one node up; None if unknown.
+
+    Reshape with a constant target (allowzero 0): a 0 copies input dim k; the one -1 equals the input's only
+    non-static dim when the input's static dims and the target's other entries have the same product (the
+    element count divided by that product is then exactly that dim, 0 for an empty tensor included)."""
+    if len(t.inputs) != 1:
+        return None
+    p = t.inputs[0]
+    if not is_default_domain(p) or not p.inputs or p.outputs[0] is not t:
+        return None
+    x = p.inputs[0]
+    shape = getattr(x, "shape", None)
+    if p.op in _SAME_SHAPE:
+        return (x, k) if shape is not None and k < len(shape) else None
+    if p.op == "Transpose":
+        perm = p.attrs.get("perm")
+        return (x, int(perm[k])) if perm is not None and k < len(perm) else None
+    if p.op == "Gemm" and k == 0 and len(p.inputs) >= 2:
+        return (x, 1 if int(p.attrs.get("transA", 0)) else 0)
+    if p.op == "Reshape" and len(p.inputs) == 2 and int(p.attrs.get("allowzero", 0)) == 0 and shape is not None:
+        target = _int_const(p.inputs[1])
+        if target is None or target.ndim != 1 or k >= target.size:
+            return None
+        target = [int(v) for v in target]
+        if target[k] == 0:
+            return (x, k) if k < len(shape) else None
+        if target[k] != -1 or target.count(-1) != 1:
+            return None
+        dynamic = [i for i, d in enumerate(shape) if not _static(d)]
+        if len(dynamic) != 1:
+            return None
+        rest = []
+        for i, v in enumerate(target):
+            if i == k:
+                continue
+            v = shape[i] if v == 0 and i < len(shape) else v
+            if not _static(v) or v <= 0:
+                return None
+            rest.append(int(v))
+        known = [int(d) for i, d in enumerate(shape) if i != dynamic[0]]
+        if int(np.prod(rest, dtype=np.int64)) == int(np.prod(known, dtype=np.int64)):
+            return (x, dynamic[0])
+    return None
+
+
+def _root(t: gs.Tensor, k: int) -> tuple[gs.Tensor, int]:
+    """The furthest tensor/dim that dim ``k`` of ``t`` provably equals (``(t, k)`` itself at least)."""
+    for _ in range(MAX_DEPTH):
+        up = _source_dim(t, k)
+        if up is None:
+            break
+        t, k = up
+    return t, k
+
+
 def _same_dim(e: Elem, t: gs.Tensor, k: int, untrusted: frozenset[str] = frozenset()) -> bool:
-    """Whether element ``e`` is dim ``k`` of ``t``: read from ``t`` itself, or a dim with the same named
-    symbolic size (the IR spec: equal dim_param names in one model are equal sizes)."""
+    """Whether element ``e`` is dim ``k`` of ``t``: read from ``t`` itself, from a tensor/dim both provably
+    copy (``_root``), or a dim with the same named symbolic size (the IR spec: equal dim_param names in one
+    model are equal sizes)."""
     if e is None or e[0] != _DIM:
         return False
     if e[1] is t and e[2] == k:
         return True
-    a, b = e[1].shape[e[2]], t.shape[k] if t.shape is not None and k < len(t.shape) else None
-    # onnx's generated "unk__N" names are consistent within one inference run (the shape-inference pass
-    # recomputes every entry each round), except on outputs onnx cannot infer (custom ops): those keep the
-    # model's own entries, whose names a later run may reuse for unrelated dims.
-    return isinstance(a, str) and bool(a) and a == b and a not in untrusted
+    if t.shape is None or k >= len(t.shape):
+        return False
+    (ta, ka), (tb, kb) = _root(e[1], e[2]), _root(t, k)
+    if ta is tb and ka == kb:
+        return True
+    for (u, i), (v, j) in (((e[1], e[2]), (t, k)), ((ta, ka), (tb, kb))):
+        a = u.shape[i] if u.shape is not None and i < len(u.shape) else None
+        b = v.shape[j] if v.shape is not None and j < len(v.shape) else None
+        # onnx's generated "unk__N" names are consistent within one inference run (the shape-inference pass
+        # recomputes every entry each round), except on outputs onnx cannot infer (custom ops): those keep
+        # the model's own entries, whose names a later run may reuse for unrelated dims.
+        if isinstance(a, str) and bool(a) and a == b and a not in untrusted:
+            return True
+    return False
 
 
 def reshape_target(node: gs.Node, untrusted: frozenset[str] = frozenset()) -> np.ndarray | None:

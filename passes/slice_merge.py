@@ -4,7 +4,8 @@ Slicing along different axes commutes and composes exactly (each output element 
 element), so the merged Slice computes a bit-identical result with one copy less. Merged only when every
 reader of the inner Slice is such a Slice (then the inner one is dead and the graph shrinks), all starts,
 ends, axes and steps are constants and the axes are known to be distinct after normalising negative axes
-with the input's rank. Opset >= 10 (Slice with inputs) only.
+with the input's rank. Axes the merged Slice takes whole (start 0, end >= INT32_MAX, step 1) are left out.
+Opset >= 10 (Slice with inputs) only.
 """
 
 from __future__ import annotations
@@ -43,6 +44,21 @@ def _params(node: gs.Node, rank: int | None):
     return starts, ends, axes, steps
 
 
+# An end at or past this is "to the end" on any real dim (exporters write INT64_MAX or INT32_MAX).
+FULL_END = 2**31 - 1
+
+
+def _drop_full_axes(parts: list[np.ndarray]) -> list[np.ndarray]:
+    """Leave out the axes a Slice takes whole (start 0, end to the end, step 1): the same elements, and a
+    Slice over the one axis it cuts is the form onnxruntime's own fusions recognise (the unmerged model
+    had those; silero_vad's two stft halves become a Split there). One axis stays if all are whole."""
+    starts, ends, axes, steps = parts
+    keep = ~((starts == 0) & (ends >= FULL_END) & (steps == 1))
+    if not keep.any():
+        keep[0] = True
+    return [p[keep] for p in parts]
+
+
 def _rank(t: gs.Tensor) -> int | None:
     return None if getattr(t, "shape", None) is None else len(t.shape)
 
@@ -76,7 +92,7 @@ class SliceMerge(Pass):
                 if not plans:
                     continue
                 for r, b in plans:
-                    parts = [np.concatenate([x, y]) for x, y in zip(a, b)]
+                    parts = _drop_full_axes([np.concatenate([x, y]) for x, y in zip(a, b)])
                     base = r.name or r.outputs[0].name
                     consts = [gs.Constant(f"{base}__{k}", p) for k, p in zip(("starts", "ends", "axes", "steps"), parts)]
                     r.inputs.clear()  # graphsurgeon unregisters the old inputs
