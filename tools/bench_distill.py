@@ -299,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="paired latency measurements per ratio")
     ap.add_argument("--cls-calib", type=int, default=600, help="rendered calibration images (PP-OCR cls rows)")
     ap.add_argument("--cls-test", type=int, default=1000, help="rendered test images (PP-OCR cls rows)")
+    ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                    help="an extra pass option for every row, e.g. distill_lr=0.003 (repeatable)")
     ap.add_argument("--recipe", default=None, help="DistillConfig overrides k=v,k=v: the engine alone on the "
                     "PP-OCR cls model pruned once (see the module docstring)")
     ap.add_argument("--workdir", default=None, help="--recipe: where the data and the pruned model are cached")
@@ -323,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
                 table.append([s.name, "original", "", f"{acc:.2f}%", "", "", f"{s.model.stat().st_size / 1024:.0f} KB",
                               f"{weight_bytes(orig) / 1024:.0f} KB", "1.00x", "1.00x", "", "", "", "", ""])
             s, orig, base_acc, base_pred = originals[row.subject]
-            opts = {"calib": str(s.calib), "latency": False, "distill_seed": args.seed, **row.extra}
+            opts = {"calib": str(s.calib), "latency": False, "distill_seed": args.seed, **row.extra,
+                    **{k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}}
             if args.steps and "distill" in row.passes:
                 opts["distill_steps"] = args.steps
             if args.distill_time and "distill" in row.passes:
