@@ -29,9 +29,8 @@ class DistillOptions:
         "help": "Time limit in seconds (0 = none; a run stopped by time is not reproducible step for step).",
         "min": 0.0})
     distill_lr: float | None = field(default=None, metadata={
-        "help": "Adam learning rate (warm-up, cosine decay over the steps or the time limit); default 1e-3 when "
-                "the start agrees with the teacher on >= 50% of the held-out split (e.g. after a refit), else "
-                "3e-3; 3e-4 on a quantized (QDQ) model.",
+        "help": "Adam learning rate (warm-up, cosine decay over the steps or the time limit); default 3e-3, "
+                "3e-4 on a quantized (QDQ) model.",
         "min": 0.0})
     distill_batch: int = field(default=32, metadata={"help": "Batch size.", "min": 1})
     distill_seed: int = field(default=0, metadata={"help": "Seed: split, order, augmentation.", "min": 0})
