@@ -29,14 +29,16 @@ class DistillOptions:
         "help": "Time limit in seconds (0 = none; a run stopped by time is not reproducible step for step).",
         "min": 0.0})
     distill_lr: float | None = field(default=None, metadata={
-        "help": "Adam learning rate (warm-up, cosine decay); default 3e-3, 3e-4 on a quantized (QDQ) model.",
+        "help": "Adam learning rate (warm-up, cosine decay over the steps or the time limit); default 3e-3, "
+                "3e-4 on a quantized (QDQ) model.",
         "min": 0.0})
     distill_batch: int = field(default=32, metadata={"help": "Batch size.", "min": 1})
     distill_seed: int = field(default=0, metadata={"help": "Seed: split, order, augmentation.", "min": 0})
     distill_temperature: float = field(default=2.0, metadata={"help": "KD temperature on score outputs.",
                                                               "min": 0.0})
     distill_holdout: float = field(default=0.2, metadata={
-        "help": "Fraction of --calib held out for early stopping and the report.", "min": 0.0, "max": 0.9})
+        "help": "Fraction of --calib held out for early stopping and the report (at most 256 samples).",
+        "min": 0.0, "max": 0.9})
     distill_loss: str = field(default="auto", metadata={
         "help": "Output loss: auto (KL on [N, C] scores, else MSE), kl or mse.", "choices": ("auto", "kl", "mse")})
     distill_feature_weight: float = field(default=0.5, metadata={
@@ -44,7 +46,11 @@ class DistillOptions:
     distill_label_weight: float = field(default=0.5, metadata={
         "help": "Weight of the cross-entropy on --calib labels (when given).", "min": 0.0})
     distill_augment: bool = field(default=True, metadata={
-        "help": "Augment: mixup + noise on images, token dropout on ids."})
+        "help": "Augment (from the second pass over the data): mixup, shifts and noise on images, "
+                "token dropout on ids."})
+    distill_ema: float = field(default=0.98, metadata={
+        "help": "Decay of the moving average of the weights that is evaluated and kept (0 = the last step's).",
+        "min": 0.0, "max": 0.9999})
     distill_patience: int = field(default=8, metadata={
         "help": "Held-out evaluations without improvement before stopping early.", "min": 1})
     distill_threads: int = field(default=1, metadata={"help": "torch threads (fixed for reproducibility).",
@@ -81,7 +87,7 @@ class Distill(Pass):
                             temperature=opts.distill_temperature, holdout=opts.distill_holdout,
                             loss=opts.distill_loss, feature_weight=opts.distill_feature_weight,
                             label_weight=opts.distill_label_weight, augment=opts.distill_augment,
-                            patience=opts.distill_patience, threads=opts.distill_threads)
+                            patience=opts.distill_patience, ema=opts.distill_ema, threads=opts.distill_threads)
         ctx.progress("distill: translating to torch")
         outcome = distill(model, ctx.original.proto, calib.inputs, calib.labels if calib.measured else None,
                           cfg, progress=ctx.progress)

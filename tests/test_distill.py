@@ -344,3 +344,55 @@ def test_text_direction_task_is_labelled_by_construction() -> None:
     pred = _session(model).run(None, {"x": x})[0].argmax(1)
     assert (pred == y).mean() > 0.9
     assert (pred == 1 - y).mean() < 0.1  # flipping the label flips the task: the label is the rotation
+
+
+def test_schedule_decays_over_the_nearer_budget() -> None:
+    """Cosine decay follows the step budget, or the time limit when that comes first: a run the clock stops
+    ends at the low learning rate, not in the middle of its schedule."""
+    from onnxslim.distill.train import _Trainer
+
+    m = _token_model()
+    ids = np.random.default_rng(0).integers(1, 50, (40, 6)).astype(np.int64)
+    feeds = {"ids": ids, "mask": np.ones((40, 6), np.int64)}
+    by_steps = _Trainer(m, m, feeds, None, DistillConfig(steps=1000, loss="mse", lr=1e-3), lambda s: None)
+    by_time = _Trainer(m, m, feeds, None, DistillConfig(steps=1000, time_limit=10.0, loss="mse", lr=1e-3),
+                       lambda s: None)
+    assert by_steps.lr_at(100, elapsed=10.0) > 0.9e-3  # no time limit: the clock does not matter
+    assert by_time.lr_at(100, elapsed=0.1) > 0.9e-3
+    assert by_time.lr_at(100, elapsed=5.0) == pytest.approx(by_steps.lr_at(525))  # half the time ~ half the steps
+    assert by_time.lr_at(100, elapsed=10.0) == pytest.approx(1e-4)  # the floor, at the limit
+    assert by_steps.lr_at(999) == pytest.approx(1e-4, rel=1e-3)
+
+
+def test_first_pass_is_clean_and_holdout_is_capped(monkeypatch) -> None:
+    """Augmentation starts with the second pass over the training samples (the first pass is clean), and the
+    held-out split stops at MAX_HOLDOUT samples so the rest of a large --calib trains."""
+    from onnxslim.distill import train
+
+    calls: list[int] = []
+    real = train._Trainer.augment
+    monkeypatch.setattr(train._Trainer, "augment", lambda self, f: calls.append(1) or real(self, f))
+    m = _token_model()
+    rng = np.random.default_rng(2)
+    feeds = {"ids": rng.integers(1, 50, (600, 6)).astype(np.int64), "mask": np.ones((600, 6), np.int64)}
+    o = distill(m, m, feeds, None, DistillConfig(steps=20, batch=32, holdout=0.5, loss="mse", patience=10**6))
+    assert o.holdout_samples == train.MAX_HOLDOUT and o.train_samples == 600 - train.MAX_HOLDOUT
+    first_pass = (600 - train.MAX_HOLDOUT) // 32  # full batches before the order is refilled
+    assert o.steps == 20 and len(calls) == 20 - first_pass
+    calls.clear()
+    distill(m, m, feeds, None, DistillConfig(steps=20, batch=32, loss="mse", augment=False))
+    assert not calls
+
+
+def test_weight_average_changes_the_result_and_is_reproducible(pruned: onnx.ModelProto) -> None:
+    """--distill-ema is used (the seeded run without averaging writes other values), stays reproducible, and
+    the averaged run still lowers the held-out loss."""
+    t = onnx.load(str(MODELS / "digits_cnn.onnx"))
+    x = np.load(CALIB)["input"][:200]
+    cfg = dict(steps=20, patience=10**6, feature_weight=0.0)
+    a = distill(pruned, t, {"input": x}, None, DistillConfig(ema=0.9, **cfg))
+    a2 = distill(pruned, t, {"input": x}, None, DistillConfig(ema=0.9, **cfg))
+    b = distill(pruned, t, {"input": x}, None, DistillConfig(ema=0.0, **cfg))
+    assert all(np.array_equal(a.values[k], a2.values[k]) for k in a.values)
+    assert any(not np.array_equal(a.values[k], b.values[k]) for k in a.values)
+    assert a.after.loss < a.before.loss and b.after.loss < b.before.loss

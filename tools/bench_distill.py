@@ -27,6 +27,14 @@ the test file has other images with their labels:
                                                       faster at batch 1, <= 1 point drop, >= 98% agreement)
   7. the same with --objective size                  (INT8 kept for its size when it is not faster)
 
+Recipe mode (``--recipe``): the distillation engine alone on the PP-OCR cls model pruned once (0.5, refit;
+cached in ``--workdir``), with DistillConfig fields overridden, so that recipe changes are compared on the same
+student without re-pruning each time (3-5 minutes on a busy machine):
+
+    python tools/bench_distill.py --recipe steps=150,lr=0.001,augment=false --cls-calib 2000 --workdir /tmp/bd
+
+It prints one JSON line: test agreement and accuracy before/after, held-out loss, steps and seconds.
+
 Columns: test accuracy and its drop in points, agreement of the top-1 class with the original on the test
 set, file size and weight bytes (initializers) relative to the original, latency (onnxruntime, 1 thread,
 batch 1 and 64, paired alternating runs against the original file in one process: the median of run-by-run
@@ -164,9 +172,10 @@ def subject(name: str, workdir: Path, calib_n: int, test_n: int) -> Subject:
     if name == "digits":
         return Subject("digits CNN", MODELS / "digits_cnn.onnx", MODELS / "digits_calib.npz",
                        MODELS / "digits_test.npz", "input", (1, 8, 8))
-    calib, test = workdir / "cls_calib.npz", workdir / "cls_test.npz"
+    calib, test = workdir / f"cls_calib{calib_n}.npz", workdir / f"cls_test{test_n}.npz"
     if not calib.exists():
         np.savez(calib, x=text_direction_task(calib_n, 11)[0])  # images only: no labels
+    if not test.exists():
         x, y = text_direction_task(test_n, 1)
         np.savez(test, x=x, labels=y)
     return Subject("PP-OCR cls", ppocr_cls_model(), calib, test, "x", (3, 48, 192))
@@ -231,6 +240,56 @@ def shown(extra: dict[str, Any]) -> str:
                     f"--{'' if v else 'no-'}{k.replace('_', '-')}" for k, v in extra.items())
 
 
+def _value(v: str) -> Any:
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return int(v)
+    except ValueError:
+        pass
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+def recipe(spec: str, workdir: Path, calib_n: int, test_n: int, seed: int) -> dict[str, Any]:
+    """The distill engine on the cached pruned PP-OCR cls model with the DistillConfig fields of ``spec``."""
+    import json
+
+    from onnxslim.distill.train import DistillConfig, distill
+    from onnxslim.distill.writeback import write_back
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    s = subject("cls", workdir, calib_n, test_n)
+    student_path = workdir / f"cls_pruned_0.5_calib{calib_n}.onnx"
+    if not student_path.exists():
+        student, _ = optimize(str(s.model), None, passes="lossless,prune", validate=False, latency=False,
+                              options={"prune_ratio": 0.5, "calib": str(s.calib), "latency": False})
+        onnx.save(student, str(student_path))
+    student, teacher = onnx.load(str(student_path)), onnx.load(str(s.model))
+    kw = {k: _value(v) for k, v in (item.split("=", 1) for item in spec.split(",") if item)}
+    kw.setdefault("seed", seed)
+    # The pipeline's split: the gate keeps --calib-holdout (0.2) of --calib, distill gets the rest.
+    from onnxslim.calibration import CalibrationData, split_holdout
+
+    fit, _ = split_holdout(CalibrationData({s.input: np.load(s.calib)["x"]}, None, "calib", True), 0.2)
+    x = fit.inputs[s.input]
+    out = distill(student, teacher, {s.input: x}, None, DistillConfig(**kw),
+                  progress=lambda m: print(m, file=sys.stderr, flush=True))
+    trained, _ = write_back(student, out.values)
+    labels, base = np.load(s.test)["labels"], top1(teacher, s)
+    p0, p1 = top1(student, s), top1(trained, s)
+    row = {"recipe": kw, "calib": calib_n, "agree": [round(float((p == base).mean() * 100), 1) for p in (p0, p1)],
+           "acc": [round(float((p == labels).mean() * 100), 2) for p in (p0, p1)],
+           "original_acc": round(float((base == labels).mean() * 100), 2),
+           "holdout_loss": [round(out.before.loss, 4), round(out.after.loss, 4)], "steps": out.steps,
+           "best_step": out.best_step, "stopped": out.stopped, "seconds": round(out.seconds, 1)}
+    print(json.dumps(row))
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="1,2,3,4")
@@ -240,7 +299,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="paired latency measurements per ratio")
     ap.add_argument("--cls-calib", type=int, default=600, help="rendered calibration images (PP-OCR cls rows)")
     ap.add_argument("--cls-test", type=int, default=1000, help="rendered test images (PP-OCR cls rows)")
+    ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                    help="an extra pass option for every row, e.g. distill_lr=0.003 (repeatable)")
+    ap.add_argument("--recipe", default=None, help="DistillConfig overrides k=v,k=v: the engine alone on the "
+                    "PP-OCR cls model pruned once (see the module docstring)")
+    ap.add_argument("--workdir", default=None, help="--recipe: where the data and the pruned model are cached")
     args = ap.parse_args(argv)
+    if args.recipe is not None:
+        wd = Path(args.workdir) if args.workdir else Path(tempfile.gettempdir()) / "bench-distill-recipe"
+        recipe(args.recipe, wd, args.cls_calib, args.cls_test, args.seed)
+        return
     header = ["model", "pipeline", "options", "test acc", "drop (pts)", "agree", "file", "weights", "latency b1",
               "latency b64", "held-out loss", "held-out agree", "quantize-static", "distill s", "run s"]
     table, goals = [header], [["row", "goal", "result", "run s"]]
@@ -257,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
                 table.append([s.name, "original", "", f"{acc:.2f}%", "", "", f"{s.model.stat().st_size / 1024:.0f} KB",
                               f"{weight_bytes(orig) / 1024:.0f} KB", "1.00x", "1.00x", "", "", "", "", ""])
             s, orig, base_acc, base_pred = originals[row.subject]
-            opts = {"calib": str(s.calib), "latency": False, "distill_seed": args.seed, **row.extra}
+            opts = {"calib": str(s.calib), "latency": False, "distill_seed": args.seed, **row.extra,
+                    **{k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}}
             if args.steps and "distill" in row.passes:
                 opts["distill_steps"] = args.steps
             if args.distill_time and "distill" in row.passes:

@@ -433,16 +433,20 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONVT = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-@_op("Conv")
-def _conv(m, n, a, x):
+def _conv_args(n, a, x, table: dict, what: str) -> tuple:
+    """(input, weight, bias, spatial rank, strides, dilations) of a Conv or ConvTranspose node."""
     inp, w = x[0], x[1]
     b = x[2] if len(x) > 2 else None
     k = w.dim() - 2
-    if k not in _CONV:
-        raise _untranslatable(n, f"{k}-D convolution")
+    if k not in table:
+        raise _untranslatable(n, f"{k}-D {what}")
+    return inp, w, b, k, list(a.get("strides", [1] * k)), list(a.get("dilations", [1] * k))
+
+
+@_op("Conv")
+def _conv(m, n, a, x):
+    inp, w, b, k, strides, dil = _conv_args(n, a, x, _CONV, "convolution")
     kernel = list(a.get("kernel_shape", w.shape[2:]))
-    strides = list(a.get("strides", [1] * k))
-    dil = list(a.get("dilations", [1] * k))
     begin, end = _pads(n, a, list(inp.shape[2:]), kernel, strides, dil)
     if begin == end:
         return [_CONV[k](inp, w, b, strides, begin, dil, int(a.get("group", 1)))]
@@ -452,15 +456,8 @@ def _conv(m, n, a, x):
 
 @_op("ConvTranspose")
 def _convt(m, n, a, x):
-    inp, w = x[0], x[1]
-    b = x[2] if len(x) > 2 else None
-    k = w.dim() - 2
-    if k not in _CONVT:
-        raise _untranslatable(n, f"{k}-D transposed convolution")
-    strides = list(a.get("strides", [1] * k))
-    dil = list(a.get("dilations", [1] * k))
+    inp, w, b, k, strides, dil = _conv_args(n, a, x, _CONVT, "transposed convolution")
     opad = list(a.get("output_padding", [0] * k))
-    kernel = list(a.get("kernel_shape", w.shape[2:]))
     y = _CONVT[k](inp, w, None, strides, 0, opad, int(a.get("group", 1)), dil)
     full = list(y.shape[2:])
     auto = a.get("auto_pad", b"NOTSET")
@@ -476,7 +473,6 @@ def _convt(m, n, a, x):
     else:
         p = list(a.get("pads", [0] * (2 * k)))
         begin, end = p[:k], p[k:]
-    del kernel
     for i in range(k):
         if begin[i] < 0 or end[i] < 0:  # output_shape beyond the full result: zeros (then the bias)
             pad = [0, 0] * (k - 1 - i) + [max(0, -begin[i]), max(0, -end[i])]
@@ -750,33 +746,22 @@ def _reduce(n, a, x, f):
     return [f(t, [ax % t.dim() for ax in axes], keep)]
 
 
-@_op("ReduceMean")
-def _rmean(m, n, a, x):
-    return _reduce(n, a, x, lambda t, d, k: t.mean(d, keepdim=k))
+def _prod(t: torch.Tensor, dims: list[int], keep: bool) -> torch.Tensor:
+    for d in sorted(dims, reverse=True):  # torch.prod takes one axis at a time
+        t = t.prod(d, keepdim=keep)
+    return t
 
 
-@_op("ReduceSum")
-def _rsum(m, n, a, x):
-    return _reduce(n, a, x, lambda t, d, k: t.sum(d, keepdim=k))
+def _reducer(f: Callable[[torch.Tensor, list[int], bool], torch.Tensor]) -> Op:
+    return lambda m, n, a, x: _reduce(n, a, x, f)
 
 
-@_op("ReduceMax")
-def _rmax(m, n, a, x):
-    return _reduce(n, a, x, lambda t, d, k: t.amax(d, keepdim=k))
-
-
-@_op("ReduceMin")
-def _rmin(m, n, a, x):
-    return _reduce(n, a, x, lambda t, d, k: t.amin(d, keepdim=k))
-
-
-@_op("ReduceProd")
-def _rprod(m, n, a, x):
-    def prod(t, dims, keep):
-        for d in sorted(dims, reverse=True):
-            t = t.prod(d, keepdim=keep)
-        return t
-    return _reduce(n, a, x, prod)
+for _name, _f in {
+    "ReduceMean": lambda t, d, k: t.mean(d, keepdim=k), "ReduceSum": lambda t, d, k: t.sum(d, keepdim=k),
+    "ReduceMax": lambda t, d, k: t.amax(d, keepdim=k), "ReduceMin": lambda t, d, k: t.amin(d, keepdim=k),
+    "ReduceProd": _prod,
+}.items():
+    _OPS[_name] = _reducer(_f)
 
 
 @_op("ArgMax", "ArgMin")
