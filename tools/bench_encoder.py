@@ -240,6 +240,7 @@ PRUNE_ROWS = {
     # 'alloc' rows: the same parameter budget spread over the layers by predicted error (--prune-allocate)
     "prune-0.3-512-alloc": ("lossless,prune", ["--prune-ratio", "0.3", "--prune-allocate", "predicted"], 512),
     "prune-0.3-512p-alloc": ("lossless,prune", ["--prune-ratio", "0.3", "--prune-allocate", "predicted"], "512p"),
+    "prune-0.3-1024p-alloc": ("lossless,prune", ["--prune-ratio", "0.3", "--prune-allocate", "predicted"], "1024p"),
     "prune-0.5-512p-alloc": ("lossless,prune", ["--prune-ratio", "0.5", "--prune-allocate", "predicted"], "512p"),
     "prune-0.5-512": ("lossless,prune", ["--prune-ratio", "0.5"], 512),
     "prune-0.5-512p": ("lossless,prune", ["--prune-ratio", "0.5"], "512p"),
