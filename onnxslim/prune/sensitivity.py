@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from onnx import ModelProto
@@ -126,21 +126,29 @@ def allocate(sens: dict[str, Any], an: ch.Analysis, imp: np.ndarray, kind: str, 
         keep = ch.plan(an, ratios, imp, round_to=round_to, min_channels=min_channels)
         return (base - getattr(ch.cost(an, keep), kind)) / base if base else 0.0
 
-    hi = 1.0
-    while reached(choose(hi)) < fraction and hi < 1e12:
-        hi *= 10
+    best = _bisect_lambda(choose, reached, fraction, hi=1.0, grow=10, limit=1e12)
+    return best, reached(best)
+
+
+def _bisect_lambda(choose: Callable[[float], Any], amount: Callable[[Any], float], target: float, *,
+                   hi: float, grow: float, limit: float) -> Any:
+    """The Lagrangian sweep both allocators share: ``choose(lam)`` picks per group the option with the least
+    cost - lam * amount; the smallest lam whose pick reaches ``target`` (bisected) gives the cheapest pick
+    that does. When no lam up to ``limit`` reaches it, the pick at the largest lam tried."""
+    while amount(choose(hi)) < target and hi < limit:
+        hi *= grow
     best = choose(hi)
-    if reached(best) < fraction:
-        return best, reached(best)
+    if amount(best) < target:
+        return best
     lo = 0.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        r = choose(mid)
-        if reached(r) >= fraction:
-            hi, best = mid, r
+        pick = choose(mid)
+        if amount(pick) >= target:
+            hi, best = mid, pick
         else:
             lo = mid
-    return best, reached(best)
+    return best
 
 
 MAX_ALLOCATED_RATIO = 0.5  # a cap per group: the closed-form costs are local (no propagation through later
@@ -191,17 +199,7 @@ def allocate_predicted(select, an: ch.Analysis, imp: np.ndarray, ratios: dict[st
     def removed(pick: dict[str, tuple[int, float, int]]) -> int:
         return sum(o[2] for o in pick.values())
 
-    lo, hi = 0.0, 1e-12
-    while removed(choose(hi)) < budget and hi < 1e6:
-        hi *= 4
-    best = choose(hi)
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        pick = choose(mid)
-        if removed(pick) >= budget:
-            hi, best = mid, pick
-        else:
-            lo = mid
+    best = _bisect_lambda(choose, removed, budget, hi=1e-12, grow=4, limit=1e6)
     by_id = {g.id: g for g in an.groups}
     out = dict(ratios)
     for gid, (k, _, _) in best.items():
