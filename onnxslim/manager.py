@@ -67,6 +67,11 @@ class Pass:
     description: ClassVar[str] = ""
     lossless: ClassVar[bool] = True
     level: ClassVar[str] = "graph"
+    # The pass changes only annotations (value_info), never nodes or weights. A round in which only such
+    # passes changed something is a fixed point: every other pass already ran on the fresh annotations and
+    # changed nothing. (graphsurgeon round trips rewrite value_info, so shape inference "changes" it again
+    # every round; counting that ran silero VAD's preset to the round limit.)
+    annotates_only: ClassVar[bool] = False
     Options: ClassVar[type | None] = None
     # ``PassResult.details`` of the pass's last run become the report section of this name.
     report_section: ClassVar[str | None] = None
@@ -364,7 +369,7 @@ class PassManager:
                         rec = self._run_lossy(p, ws, ctx, done, may_drop=bool(lossy_left or kept_lossy))
                         kept_lossy += rec.changed and rec.dropped is None
                     done.append(p.name)
-                    any_changed |= rec.changed
+                    any_changed |= rec.changed and not p.annotates_only
                 if not any_changed:
                     break
             else:

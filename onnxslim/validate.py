@@ -26,6 +26,10 @@ DEFAULT_DIM = 1  # value for a dynamic dimension nobody fixed
 # Dynamic height/width of an image input (rank 4, channels fixed) in generated validation data: at 1x1 a
 # detector with stride 32 (PP-OCR det) outputs all zeros and the comparison cannot tell models apart.
 SPATIAL_DIM = 64
+# Length of a dynamic axis 1 of a rank-2 float input, a waveform [batch, samples]: one sample is too short for
+# the reflect Pad and STFT frames of audio exports; silero VAD takes 256 (an 8 kHz chunk) on each of its branches,
+# while 512 and 1024 give its LSTM more frames than it was exported for.
+SIGNAL_DIM = 256
 MAX_INPUT_BYTES = 1 << 30  # random validation inputs larger than this are refused (NotValidatable)
 
 
@@ -208,11 +212,14 @@ def make_inputs(model: ModelProto, input_shapes: dict[str, list[int]] | None = N
     for name, (dtype, dims) in input_specs(model).items():
         if name not in shapes:
             dims = list(dims)
-            for i in _spatial_axes(dtype, dims):
+            sized = {i: SPATIAL_DIM for i in _spatial_axes(dtype, dims)}
+            if dtype.kind == "f" and len(dims) == 2:
+                sized[1] = SIGNAL_DIM
+            for i, size in sized.items():
                 if isinstance(dims[i], str):
-                    symbols.setdefault(dims[i], SPATIAL_DIM)  # the same symbol elsewhere gets the same size
+                    symbols.setdefault(dims[i], size)  # the same symbol elsewhere gets the same size
                 elif not (isinstance(dims[i], int) and dims[i] > 0):
-                    dims[i] = SPATIAL_DIM
+                    dims[i] = size
         shape = resolve_shape(name, dims, shapes, symbols, batch)
         if any(d < 0 for d in shape) or np.prod(shape, dtype=np.float64) * dtype.itemsize > MAX_INPUT_BYTES:
             # A declared shape of billions of elements (hostile or mistaken) must not take the machine down.

@@ -107,6 +107,7 @@ class ShapeInference(Pass):
     description = "onnx shape inference with data propagation (symbolic dims kept; --input-shape fixes dynamic dims)"
     lossless = True
     level = "model"
+    annotates_only = True
 
     def run(self, model: ModelProto, ctx: Context) -> PassResult:
         notes: list[str] = []

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim.api import optimize
 from onnxslim.errors import GateError
-from onnxslim.validate import SPATIAL_DIM, centred_cosine, compare_models, make_inputs
+from onnxslim.validate import SIGNAL_DIM, SPATIAL_DIM, centred_cosine, compare_models, make_inputs
 
 
 def affine(w: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
@@ -70,6 +70,21 @@ def test_generated_images_get_a_spatial_size_not_1x1():
     assert make_inputs(image_model([1, 3, 48, "W"]))["x"].shape == (1, 3, 48, s)  # fixed dims kept
     assert make_inputs(image_model(["N", "C", "H", "W"]))["x"].shape == (1, 1, 1, 1)  # channels unknown: no guess
     assert make_inputs(image_model(["N", 3, "H", "W"]), {"x": [2, 3, 8, 9]})["x"].shape == (2, 3, 8, 9)
+
+
+def test_generated_waveforms_are_long_enough_for_a_reflect_pad():
+    # silero VAD's STFT front end: a reflect Pad of 64 on each side of [batch, samples]; one sample fails it.
+    g = helper.make_graph(
+        [helper.make_node("Pad", ["x", "pads"], ["p"], mode="reflect"), helper.make_node("ReduceSum", ["p"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])],
+        [numpy_helper.from_array(np.array([0, 64, 0, 64], np.int64), "pads")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    feeds = make_inputs(m)
+    assert feeds["x"].shape == (1, SIGNAL_DIM) and SIGNAL_DIM > 64
+    res = compare_models(m, m, feeds)
+    assert res.passed
+    assert make_inputs(m, {"x": [2, 100]})["x"].shape == (2, 100)  # --input-shape still decides
 
 
 def test_a_refused_run_reports_where_its_time_went(tmp_path):

@@ -77,6 +77,31 @@ def test_round_limit_is_reported(temp_pass) -> None:
     assert len(pm.warnings) == 1 and "round 3" in pm.warnings[0] and "t-always" in pm.warnings[0]
 
 
+def test_a_round_where_only_annotations_changed_is_a_fixed_point(temp_pass) -> None:
+    calls = []
+
+    @temp_pass
+    class Annotate(Pass):
+        name, description, lossless, annotates_only = "t-annotate", "rewrites value_info every time", True, True
+
+        def run(self, graph, ctx):
+            calls.append("a")
+            return PassResult(changed=True)
+
+    @temp_pass
+    class Once(Pass):
+        name, description, lossless = "t-once", "changes in the first round only", True
+
+        def run(self, graph, ctx):
+            calls.append("o")
+            return PassResult(changed=calls.count("o") == 1)
+
+    pm = PassManager(["t-annotate", "t-once"], max_rounds=5)
+    pm.run(relu_chain(), Context())
+    assert calls == ["a", "o", "a", "o"] and not pm.warnings
+    assert manager.load_passes()["shape-inference"].annotates_only
+
+
 def test_failing_pass_is_named_with_what_ran_before(temp_pass) -> None:
     @temp_pass
     class Boom(Pass):
