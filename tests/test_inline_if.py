@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import onnxslim
+import graph_helpers
 from onnxslim.graph import iter_proto_nodes, op_histogram, to_gs, to_proto, toposort
 from onnxslim.manager import Context, load_passes
 
@@ -31,12 +31,7 @@ def init(name, arr):
 
 
 def make(nodes, inputs, outputs, inits=(), value_info=(), opset=OPSET, check=True) -> onnx.ModelProto:
-    g = h.make_graph(nodes, "g", inputs, outputs, initializer=list(inits), value_info=list(value_info))
-    m = h.make_model(g, opset_imports=[h.make_opsetid("", opset)])
-    m.ir_version = 8
-    if check:
-        onnx.checker.check_model(m)
-    return m
+    return graph_helpers.make(nodes, inputs, outputs, inits, opset=opset, value_info=value_info, check=check)
 
 
 def branch(name, nodes, outputs, inits=()):
@@ -47,10 +42,7 @@ def if_node(cond, outs, then_b, else_b, name=""):
     return h.make_node("If", [cond], outs, name=name, then_branch=then_b, else_branch=else_b)
 
 
-def run(m: onnx.ModelProto, feeds) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+run = graph_helpers.run
 
 
 def inline(m: onnx.ModelProto):

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import onnxslim
+import graph_helpers
+from graph_helpers import c, run
 from onnxslim.graph import node_count, op_histogram, to_gs, to_proto
 from onnxslim.manager import Context, load_passes
 
@@ -26,19 +27,7 @@ RNG = np.random.default_rng(0)
 
 
 def make(nodes, inputs, outputs, inits=(), opset=16) -> onnx.ModelProto:
-    g = h.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
-    m = h.make_model(g, opset_imports=[h.make_opsetid("", opset)])
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    return m
-
-
-def c(name, arr):
-    return nh.from_array(np.asarray(arr), name)
-
-
-def run(m, feeds):
-    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    return graph_helpers.make(nodes, inputs, outputs, inits, opset=opset)
 
 
 def assert_identical(a, b, feeds_list):

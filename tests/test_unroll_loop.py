@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto as T
 from onnx import helper as h
-from onnx import numpy_helper as nh
 
 import onnxslim
+import graph_helpers
+from graph_helpers import c
 from onnxslim.graph import iter_graphs, to_gs, to_proto
 from onnxslim.manager import Context, load_passes
 from onnxslim.passes import unroll_loop
@@ -26,24 +26,13 @@ def vi(name, shape, dtype=T.FLOAT):
     return h.make_tensor_value_info(name, dtype, shape)
 
 
-def c(name, arr):
-    return nh.from_array(np.asarray(arr), name)
-
-
 def run(m, feeds, optimize=False):
-    so = ort.SessionOptions()
-    if not optimize:  # onnxruntime fuses MatMul+Add in a main graph but not in a Loop body: 1-ulp differences
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.add_session_config_entry("session.disable_prepacking", "1")
-    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+    # onnxruntime fuses MatMul+Add in a main graph but not in a Loop body: 1-ulp differences
+    return graph_helpers.run(m, feeds, optimize=optimize)
 
 
 def make(nodes, inputs, outputs, inits=(), opset=17):
-    m = h.make_model(h.make_graph(nodes, "g", inputs, outputs, initializer=list(inits)),
-                     opset_imports=[h.make_opsetid("", opset)])
-    m.ir_version = 8
-    onnx.checker.check_model(m, full_check=True)
-    return m
+    return graph_helpers.make(nodes, inputs, outputs, inits, opset=opset, full_check=True)
 
 
 def nested_model(outer_trips=3, inner_trips=2, opset=17) -> onnx.ModelProto:
