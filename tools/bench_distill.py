@@ -256,7 +256,7 @@ def _value(v: str) -> Any:
 
 
 def recipe(spec: str, workdir: Path, calib_n: int, test_n: int, seed: int,
-           prune_calib: int | None = None) -> dict[str, Any]:
+           prune_calib: int | None = None, prune_set: dict[str, Any] | None = None) -> dict[str, Any]:
     """The distill engine on the cached pruned PP-OCR cls model with the DistillConfig fields of ``spec``.
 
     The student is pruned once on ``prune_calib`` rendered lines (default ``calib_n``; the prune pass sees the
@@ -269,11 +269,13 @@ def recipe(spec: str, workdir: Path, calib_n: int, test_n: int, seed: int,
 
     workdir.mkdir(parents=True, exist_ok=True)
     prune_calib = prune_calib or calib_n
-    student_path = workdir / f"cls_pruned_0.5_calib{prune_calib}.onnx"
+    prune_set = prune_set or {}  # --set options for the prune (e.g. prune_allocate=predicted): another student
+    tag = "".join(f"_{k}-{v}" for k, v in sorted(prune_set.items()))
+    student_path = workdir / f"cls_pruned_0.5_calib{prune_calib}{tag}.onnx"
     if not student_path.exists():
         p = subject("cls", workdir, prune_calib, test_n)
         student, _ = optimize(str(p.model), None, passes="lossless,prune", validate=False, latency=False,
-                              options={"prune_ratio": 0.5, "calib": str(p.calib), "latency": False})
+                              options={"prune_ratio": 0.5, "calib": str(p.calib), "latency": False, **prune_set})
         onnx.save(student, str(student_path))
     s = subject("cls", workdir, calib_n, test_n)
     student, teacher = onnx.load(str(student_path)), onnx.load(str(s.model))
@@ -289,7 +291,7 @@ def recipe(spec: str, workdir: Path, calib_n: int, test_n: int, seed: int,
     trained, _ = write_back(student, out.values)
     labels, base = np.load(s.test)["labels"], top1(teacher, s)
     p0, p1 = top1(student, s), top1(trained, s)
-    row = {"recipe": kw, "calib": calib_n, "prune_calib": prune_calib, "agree": [round(float((p == base).mean() * 100), 1) for p in (p0, p1)],
+    row = {"recipe": kw, "calib": calib_n, "prune_calib": prune_calib, "prune_set": prune_set, "agree": [round(float((p == base).mean() * 100), 1) for p in (p0, p1)],
            "acc": [round(float((p == labels).mean() * 100), 2) for p in (p0, p1)],
            "original_acc": round(float((base == labels).mean() * 100), 2),
            "holdout_loss": [round(out.before.loss, 4), round(out.after.loss, 4)], "steps": out.steps,
@@ -309,7 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cls-calib", type=int, default=600, help="rendered calibration images (PP-OCR cls rows)")
     ap.add_argument("--cls-test", type=int, default=1000, help="rendered test images (PP-OCR cls rows)")
     ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
-                    help="an extra pass option for every row, e.g. distill_lr=0.003 (repeatable)")
+                    help="an extra pass option for every row, e.g. distill_lr=0.003 (repeatable); with --recipe: "
+                    "prune options of the cached student, e.g. prune_allocate=predicted")
     ap.add_argument("--recipe", default=None, help="DistillConfig overrides k=v,k=v: the engine alone on the "
                     "PP-OCR cls model pruned once (see the module docstring)")
     ap.add_argument("--workdir", default=None, help="where the rendered PP-OCR cls lines (and, with --recipe, "
@@ -319,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.recipe is not None:
         wd = Path(args.workdir) if args.workdir else Path(tempfile.gettempdir()) / "bench-distill-recipe"
-        recipe(args.recipe, wd, args.cls_calib, args.cls_test, args.seed, args.prune_calib)
+        recipe(args.recipe, wd, args.cls_calib, args.cls_test, args.seed, args.prune_calib,
+               {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)})
         return
     header = ["model", "pipeline", "options", "test acc", "drop (pts)", "agree", "file", "weights", "latency b1",
               "latency b64", "held-out loss", "held-out agree", "quantize-static", "distill s", "run s"]
