@@ -45,6 +45,9 @@ class DistillOptions:
         "help": "Weight of feature matching on intermediate tensors (0 = off).", "min": 0.0})
     distill_label_weight: float = field(default=0.5, metadata={
         "help": "Weight of the cross-entropy on --calib labels (when given).", "min": 0.0})
+    distill_hard_weight: float = field(default=0.0, metadata={
+        "help": "Weight of a cross-entropy against the teacher's top-1 class (hard pseudo-labels; 0 = off).",
+        "min": 0.0})
     distill_augment: bool = field(default=True, metadata={
         "help": "Augment (from the second pass over the data): mixup, shifts and noise on images, "
                 "token dropout on ids."})
@@ -86,7 +89,8 @@ class Distill(Pass):
                             batch=opts.distill_batch, seed=opts.distill_seed,
                             temperature=opts.distill_temperature, holdout=opts.distill_holdout,
                             loss=opts.distill_loss, feature_weight=opts.distill_feature_weight,
-                            label_weight=opts.distill_label_weight, augment=opts.distill_augment,
+                            label_weight=opts.distill_label_weight, hard_weight=opts.distill_hard_weight,
+                            augment=opts.distill_augment,
                             patience=opts.distill_patience, ema=opts.distill_ema, threads=opts.distill_threads)
         ctx.progress("distill: translating to torch")
         outcome = distill(model, ctx.original.proto, calib.inputs, calib.labels if calib.measured else None,

@@ -32,6 +32,7 @@ cached in ``--workdir``), with DistillConfig fields overridden, so that recipe c
 student without re-pruning each time (3-5 minutes on a busy machine):
 
     python tools/bench_distill.py --recipe steps=150,lr=0.001,augment=false --cls-calib 2000 --workdir /tmp/bd
+    python tools/bench_distill.py --recipe steps=600 --cls-calib 4000 --prune-calib 2000 --workdir /tmp/bd
 
 It prints one JSON line: test agreement and accuracy before/after, held-out loss, steps and seconds.
 
@@ -254,20 +255,29 @@ def _value(v: str) -> Any:
         return v
 
 
-def recipe(spec: str, workdir: Path, calib_n: int, test_n: int, seed: int) -> dict[str, Any]:
-    """The distill engine on the cached pruned PP-OCR cls model with the DistillConfig fields of ``spec``."""
+def recipe(spec: str, workdir: Path, calib_n: int, test_n: int, seed: int,
+           prune_calib: int | None = None, prune_set: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The distill engine on the cached pruned PP-OCR cls model with the DistillConfig fields of ``spec``.
+
+    The student is pruned once on ``prune_calib`` rendered lines (default ``calib_n``; the prune pass sees the
+    fit part, 80%, as in the pipeline) and cached; distillation then trains on the fit part of ``calib_n``
+    lines, so more unlabelled lines for distillation can be compared from the same start."""
     import json
 
     from onnxslim.distill.train import DistillConfig, distill
     from onnxslim.distill.writeback import write_back
 
     workdir.mkdir(parents=True, exist_ok=True)
-    s = subject("cls", workdir, calib_n, test_n)
-    student_path = workdir / f"cls_pruned_0.5_calib{calib_n}.onnx"
+    prune_calib = prune_calib or calib_n
+    prune_set = prune_set or {}  # --set options for the prune (e.g. prune_allocate=predicted): another student
+    tag = "".join(f"_{k}-{v}" for k, v in sorted(prune_set.items()))
+    student_path = workdir / f"cls_pruned_0.5_calib{prune_calib}{tag}.onnx"
     if not student_path.exists():
-        student, _ = optimize(str(s.model), None, passes="lossless,prune", validate=False, latency=False,
-                              options={"prune_ratio": 0.5, "calib": str(s.calib), "latency": False})
+        p = subject("cls", workdir, prune_calib, test_n)
+        student, _ = optimize(str(p.model), None, passes="lossless,prune", validate=False, latency=False,
+                              options={"prune_ratio": 0.5, "calib": str(p.calib), "latency": False, **prune_set})
         onnx.save(student, str(student_path))
+    s = subject("cls", workdir, calib_n, test_n)
     student, teacher = onnx.load(str(student_path)), onnx.load(str(s.model))
     kw = {k: _value(v) for k, v in (item.split("=", 1) for item in spec.split(",") if item)}
     kw.setdefault("seed", seed)
@@ -281,11 +291,12 @@ def recipe(spec: str, workdir: Path, calib_n: int, test_n: int, seed: int) -> di
     trained, _ = write_back(student, out.values)
     labels, base = np.load(s.test)["labels"], top1(teacher, s)
     p0, p1 = top1(student, s), top1(trained, s)
-    row = {"recipe": kw, "calib": calib_n, "agree": [round(float((p == base).mean() * 100), 1) for p in (p0, p1)],
+    row = {"recipe": kw, "calib": calib_n, "prune_calib": prune_calib, "prune_set": prune_set, "agree": [round(float((p == base).mean() * 100), 1) for p in (p0, p1)],
            "acc": [round(float((p == labels).mean() * 100), 2) for p in (p0, p1)],
            "original_acc": round(float((base == labels).mean() * 100), 2),
            "holdout_loss": [round(out.before.loss, 4), round(out.after.loss, 4)], "steps": out.steps,
-           "best_step": out.best_step, "stopped": out.stopped, "seconds": round(out.seconds, 1)}
+           "best_step": out.best_step, "stopped": out.stopped, "seconds": round(out.seconds, 1),
+           "latency_b1": round(latency_ratio(teacher, trained, s, 1, 3), 3)}
     print(json.dumps(row))
     return row
 
@@ -300,14 +311,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cls-calib", type=int, default=600, help="rendered calibration images (PP-OCR cls rows)")
     ap.add_argument("--cls-test", type=int, default=1000, help="rendered test images (PP-OCR cls rows)")
     ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
-                    help="an extra pass option for every row, e.g. distill_lr=0.003 (repeatable)")
+                    help="an extra pass option for every row, e.g. distill_lr=0.003 (repeatable); with --recipe: "
+                    "prune options of the cached student, e.g. prune_allocate=predicted")
     ap.add_argument("--recipe", default=None, help="DistillConfig overrides k=v,k=v: the engine alone on the "
                     "PP-OCR cls model pruned once (see the module docstring)")
-    ap.add_argument("--workdir", default=None, help="--recipe: where the data and the pruned model are cached")
+    ap.add_argument("--workdir", default=None, help="where the rendered PP-OCR cls lines (and, with --recipe, "
+                    "the pruned model) are cached; default: a temporary directory (--recipe: a fixed one)")
+    ap.add_argument("--prune-calib", type=int, default=None, help="--recipe: rendered lines the student is pruned "
+                    "on (default --cls-calib)")
     args = ap.parse_args(argv)
     if args.recipe is not None:
         wd = Path(args.workdir) if args.workdir else Path(tempfile.gettempdir()) / "bench-distill-recipe"
-        recipe(args.recipe, wd, args.cls_calib, args.cls_test, args.seed)
+        recipe(args.recipe, wd, args.cls_calib, args.cls_test, args.seed, args.prune_calib,
+               {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)})
         return
     header = ["model", "pipeline", "options", "test acc", "drop (pts)", "agree", "file", "weights", "latency b1",
               "latency b64", "held-out loss", "held-out agree", "quantize-static", "distill s", "run s"]
@@ -317,7 +333,8 @@ def main(argv: list[str] | None = None) -> None:
         for r in [int(v) for v in args.rows.split(",")]:
             row = ROWS[r]
             if row.subject not in originals:
-                s = subject(row.subject, Path(tmp), args.cls_calib, args.cls_test)
+                s = subject(row.subject, Path(args.workdir) if args.workdir else Path(tmp), args.cls_calib,
+                            args.cls_test)
                 orig = onnx.load(str(s.model))
                 pred = top1(orig, s)
                 acc = float((pred == np.load(s.test)["labels"]).mean() * 100)

@@ -11,6 +11,8 @@ Loss (weights chosen so that each term is about 1 at the start and none needs tu
     the first batch), so 1.0 means "as far off as predicting the mean";
 - label term (only with labels, weight ``distill_label_weight``, default 0.5): cross-entropy of the first
   score output against the labels;
+- hard-label term (weight ``distill_hard_weight``, default 0 = off): cross-entropy of the first score output
+  against the teacher's argmax, at T=1;
 - feature term (FitNets, weight ``distill_feature_weight``, default 0.5): on up to 8 intermediate tensors that
   exist by the same name in both graphs, produced by the same op type, where that op is one whose output
   means the same before and after folding (activations, Add, Concat, pooling, normalization; never the
@@ -93,6 +95,7 @@ class DistillConfig:
     loss: str = "auto"  # auto | kl | mse
     feature_weight: float = 0.5
     label_weight: float = 0.5
+    hard_weight: float = 0.0  # cross-entropy against the teacher's argmax (hard pseudo-labels)
     augment: bool = True
     mixup: float = MIXUP_PROB  # probability a batch is mixed (with augment)
     shift: float = SHIFT_PROB  # probability a batch is translated (with augment)
@@ -466,6 +469,11 @@ class _Trainer:
             loss = self.output_loss(s, t)
             if self.features:
                 loss = loss + cfg.feature_weight * self.feature_loss(s, t)
+            if cfg.hard_weight > 0 and self.score is not None:
+                # Agreement is an argmax metric: a direct push on the teacher's top-1, at T=1.
+                y_t = torch.from_numpy(t[self.score].reshape(len(idx), -1).argmax(-1))
+                loss = loss + cfg.hard_weight * F.cross_entropy(
+                    self._logits(self.score, s[self.score]).reshape(len(idx), -1), y_t)
             if self.use_labels:
                 y = torch.from_numpy(self.labels[idx].astype(np.int64))
                 logits = self._logits(self.score, s[self.score])
