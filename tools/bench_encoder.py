@@ -247,6 +247,9 @@ PRUNE_ROWS = {
                                                                 "predicted"], "512p"),
     "prune-0.5-512p-alloc+distill": ("lossless,prune,distill", ["--prune-ratio", "0.5", "--prune-allocate",
                                                                 "predicted"], "512p"),
+    # more sentences (unlabelled, free here) and steps for the distillation
+    "prune-0.5-2048p-alloc+distill-600": ("lossless,prune,distill", ["--prune-ratio", "0.5", "--prune-allocate",
+                                                                     "predicted", "--distill-steps", "600"], "2048p"),
     "prune-0.5-512": ("lossless,prune", ["--prune-ratio", "0.5"], 512),
     "prune-0.5-512p": ("lossless,prune", ["--prune-ratio", "0.5"], "512p"),
     "prune-0.5": ("lossless,prune", ["--prune-ratio", "0.5"], 64),
