@@ -32,7 +32,8 @@ refit the same way, to its original output (kept columns) from the pruned model'
 compensation SparseGPT/OBC-style layer-wise compression does for every layer. all-MiniLM-L6-v2 at 0.3
 (predicted allocation, 512 sentences half perturbed): sentence-embedding min cosine 0.9485 -> 0.9526 on
 the benchmark's sentences, 0.9359 -> 0.9430 on another 400 (tools/bench_encoder.py); on the random 2-layer
-test encoder with 555 fit rows it costs 0.002 (0.3) / 0.01 (0.5) held-out min cosine.
+test encoder with 555 fit rows it costs 0.002 (0.3) / 0.01 (0.5) held-out min cosine. On by default only
+for encoders (calibration data with a token mask); CNNs were not measured with it and keep the old refit.
 """
 
 from __future__ import annotations
@@ -342,7 +343,7 @@ def _write(layer: _Layer, mat: np.ndarray, bias: np.ndarray | None, tag: str) ->
 def refit_layers(graph: gs.Graph, nodes: dict[int, gs.Node], an: Analysis, keep: np.ndarray,
                  original: ModelProto, template: ModelProto, calib: CalibrationData, *, batch: int = 64,
                  ridge: float | None = None, max_rows: int = DEFAULT_MAX_ROWS, seed: int = 0,
-                 sequential: bool = True, residual: bool = True, drifted: bool = True,
+                 sequential: bool = True, residual: bool = True, drifted: bool | Callable | None = None,
                  progress: Callable[[str], None] = lambda m: None) -> list[LayerFit]:
     """Refit, in place on the pruned ``graph``, every consumer that lost input channels (see module doc).
 
@@ -352,9 +353,12 @@ def refit_layers(graph: gs.Graph, nodes: dict[int, gs.Node], an: Analysis, keep:
     measure the difference). ``residual``: fit a residual branch to the original sum minus the pruned
     residual (Kwon et al. 2022's layer-wise reconstruction of the whole block output), not to its own
     original output. ``drifted``: also refit the readers that lost no input but read a tensor a refit
-    layer upstream changed (True; False: none; or a predicate on the node, to measure subsets)."""
+    layer upstream changed (True; False: none; a predicate on the node, to measure subsets; None: True when the
+    calibration data has a token mask -- an encoder, where it was measured -- else False)."""
     from onnxslim.runtime import make_session
 
+    if drifted is None:
+        drifted = token_mask(calib.inputs) is not None
     rng = np.random.default_rng(seed)
     fits: list[LayerFit] = []
     layers: list[_Layer] = []
