@@ -30,7 +30,7 @@ class DistillOptions:
         "min": 0.0})
     distill_lr: float | None = field(default=None, metadata={
         "help": "Adam learning rate (warm-up, cosine decay over the steps or the time limit); default 3e-3, "
-                "3e-4 on a quantized (QDQ) model.",
+                "3e-4 on a quantized (QDQ) model or an encoder (an attention_mask input).",
         "min": 0.0})
     distill_batch: int = field(default=32, metadata={"help": "Batch size.", "min": 1})
     distill_seed: int = field(default=0, metadata={"help": "Seed: split, order, augmentation.", "min": 0})

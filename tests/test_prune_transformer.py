@@ -349,3 +349,30 @@ def test_predicted_allocation_meets_the_uniform_budget() -> None:
         elif not g["skipped"]:
             assert g["kept"] % 8 == 0
     assert run(out, calib_feeds(4))[0].shape == run(model, calib_feeds(4))[0].shape
+
+
+def test_drifted_readers_are_refit_only_downstream_of_a_change() -> None:
+    """Readers that lost no input but read a stream an earlier pruned layer changed (layer 1's Q/K/V, both
+    FFN up-projections) are refit too, each to a lower error on its rows; layer 0's Q/K/V (nothing upstream
+    changed) are not. ``drifted=False`` refits only the readers that lost inputs."""
+    from onnxslim.prune.refit import refit_layers
+
+    model, fit, _ = _fit_and_held()
+    an = ch.analyze(ch.traced_graph(model))
+    keep = ch.plan(an, 0.3, ch.importance(an), round_to=8)
+
+    def fitted(**kw) -> dict[str, object]:
+        graph, nodes = ch.pruned_copy(an, keep)
+        return {f.name: f for f in refit_layers(graph, nodes, an, keep, model, model, fit, batch=16, **kw)}
+
+    on, off = fitted(), fitted(drifted=False)
+    drifted = [n for n in on if n not in off]
+    for part in ("query", "key", "value"):
+        assert f"/encoder/layer.1/attention/self/{part}/MatMul" in drifted
+        assert f"/encoder/layer.0/attention/self/{part}/MatMul" not in on
+    assert {f"/encoder/layer.{k}/intermediate/dense/MatMul" for k in (0, 1)} <= set(drifted)
+    assert all(n.endswith(("output/dense/MatMul",)) for n in off)
+    for n in drifted:
+        f = on[n]
+        assert f.skipped or f.error_after < f.error_before
+    assert any(not on[n].skipped for n in drifted)

@@ -21,6 +21,11 @@ Loss (weights chosen so that each term is about 1 at the start and none needs tu
   channels to the teacher's (initialized by ridge least squares on the first batch, trained along, never
   written back), then the same normalized MSE.
 
+Encoders (an input named like ``attention_mask`` of 0/1 values; ``DistillConfig.encoder``): outputs and
+features with a [batch, sequence, ...] layout are matched at the real tokens only (padding rows are read by
+nothing), the features are the residual stream (tensors a MatMul and a residual Add both read: the blocks'
+LayerNorm outputs) and the default learning rate is LR_ENCODER.
+
 The held-out loss (the report's and early stopping's) is the output term alone, without augmentation.
 
 Data: samples are split once (seeded) into training and held-out parts (the held-out part at most
@@ -74,6 +79,10 @@ SHIFT_PROB, SHIFT_FRAC = 0.5, 1 / 8  # random translation of 4-D inputs by up to
 # Float: 3e-3 once the first pass is clean (PP-OCR cls pruned 0.5 + refit, 150 steps without augmentation:
 # 3e-3 95.5% test agreement, 1e-3 92.5%; digits CNN prune 0.7, 1000 steps: 0.67 vs 1.33 points drop).
 LR_FLOAT, LR_QAT = 3e-3, 3e-4
+# Encoders (a token-mask input): all-MiniLM-L6-v2 pruned 0.5 + refit, 300 steps of 32 sentences: at 3e-3 no
+# step beat the start (held-out 0.0254, early stop, nothing kept); at 3e-4 0.0254 -> 0.0226, min embedding
+# cosine 0.825 -> 0.859 (tools/bench_encoder.py sentences). Transformer fine-tuning wants small steps.
+LR_ENCODER = 3e-4
 # Weight averaging: the held-out loss of single steps jumps by 20-30% from one evaluation to the next at these
 # batch sizes; the average of the last ~50 steps is what is judged and kept.
 EMA = 0.98
@@ -102,6 +111,18 @@ class DistillConfig:
     ema: float = EMA  # decay of an exponential moving average of the weights (0 = off)
     patience: int = 8  # held-out evaluations without improvement before stopping
     threads: int = 1
+    # A token-mask input (``attention_mask``) marks an encoder: [batch, sequence, ...] tensors are matched at
+    # the real tokens only, the features are the residual stream, the learning rate LR_ENCODER (False: as any)
+    encoder: bool = True
+
+
+def _token_mask_input(inputs: dict[str, np.ndarray]) -> str | None:
+    """The name of a 2-D 0/1 integer input named like an attention mask (``attention_mask``, ``input_mask``)."""
+    for k, v in inputs.items():
+        if "mask" in k.lower() and v.ndim == 2 and v.dtype.kind in "biu" and v.any() \
+                and np.isin(np.unique(v), (0, 1)).all():
+            return k
+    return None
 
 
 @dataclass
@@ -174,6 +195,25 @@ def _feature_candidates(student: ModelProto, teacher: ModelProto) -> list[str]:
     return names
 
 
+def _stream_candidates(student: ModelProto, teacher: ModelProto) -> list[str]:
+    """Encoders: the residual stream between blocks -- tensors (by name in both graphs, same op) that a
+    MatMul/Gemm and a residual Add both read (each block's LayerNorm output, the embeddings' one), evenly
+    spread over depth as ``_feature_candidates``. The generic candidates on MiniLM were a mix of bias Adds
+    and the attention's scale Mul, which pruning changes by design."""
+    s, t = _produced(student), _produced(teacher)
+    outs = {o.name for o in student.graph.output}
+    readers: dict[str, set[str]] = {}
+    for n in student.graph.node:
+        for i in n.input:
+            readers.setdefault(i, set()).add(n.op_type)
+    names = [k for k, op in s.items() if op in FEATURE_OPS and t.get(k) == op and k not in outs
+             and {"Add"} <= readers.get(k, set()) and readers[k] & {"MatMul", "Gemm"}]
+    if len(names) > MAX_FEATURES:
+        idx = np.linspace(len(names) - 1, 0, MAX_FEATURES).round().astype(int)[::-1]
+        names = [names[i] for i in sorted(set(idx.tolist()))]
+    return names
+
+
 def _is_prob(t: np.ndarray) -> bool:
     return bool(t.min() >= 0 and t.max() <= 1 and np.allclose(t.sum(-1), 1, atol=1e-3))
 
@@ -220,12 +260,16 @@ class _Trainer:
         self.train_idx = np.sort(perm[n_hold:])
         self.holdout_is_train = n_hold == 0
         self.batch = max(1, min(cfg.batch, len(self.train_idx)))
-        self.features = _feature_candidates(student, teacher) if cfg.feature_weight > 0 else []
+        self.features = []
+        if cfg.feature_weight > 0:  # a token-mask input: an encoder, whose blocks meet in the residual stream
+            stream = _stream_candidates(student, teacher) if cfg.encoder and _token_mask_input(inputs) else []
+            self.features = stream or _feature_candidates(student, teacher)
         self.teacher, self.teacher_names = _teacher_session(teacher, self.features)
         self.teacher_inputs = [i.name for i in self.teacher.get_inputs()]
         self.notes: list[str] = []
         self.qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in student.graph.node)
-        self.lr = cfg.lr if cfg.lr is not None else (LR_QAT if self.qdq else LR_FLOAT)
+        encoder = cfg.encoder and _token_mask_input(self.inputs) is not None
+        self.lr = cfg.lr if cfg.lr is not None else (LR_QAT if self.qdq else LR_ENCODER if encoder else LR_FLOAT)
         self._held_teacher: dict[int, dict[str, np.ndarray]] = {}
         self._init_losses()
 
@@ -279,6 +323,7 @@ class _Trainer:
         cfg = self.cfg
         first = self.take(self.train_idx[:self.batch])
         t = self.run_teacher(first)
+        self.token_mask = _token_mask_input(self.inputs) if cfg.encoder else None
         self.noise = {k: NOISE_REL * float(v[self.train_idx].std()) if cfg.augment else 0.0
                       for k, v in self.inputs.items() if v.dtype.kind == "f"}
         self.tokens, self.masks = [], {}
@@ -306,7 +351,7 @@ class _Trainer:
             self.kinds[o] = kind
             if kind == "kl" and _is_prob(v):
                 self.prob_outputs.add(o)
-            self.norm[o] = max(float(v.var()), 1e-12)
+            self.norm[o] = max(float(self._real(v, first).var()), 1e-12)
         if not self.kinds:
             raise ValueError("distill: the model has no float output to learn from")
         self.score = next((o for o, k in self.kinds.items() if k == "kl"), None)
@@ -333,14 +378,35 @@ class _Trainer:
             if diff:
                 self.regressors[key] = _Regressor(sv.numpy(), tv, diff[0])
             self.feat_keys[name] = key
-            self.norm[name] = max(float(tv.var()), 1e-12)
+            self.norm[name] = max(float(self._real(tv, first).var()), 1e-12)
             kept.append(name)
         self.features = kept
+
+    # -- token masks (encoders) --------------------------------------------------------------------------
+    # A [batch, sequence] 0/1 input named like a mask marks the real tokens: a [batch, sequence, ...] output
+    # or feature is matched only there (padding positions are read by nothing downstream -- the mask hides
+    # them from attention, mean pooling skips them -- and fitting them spends the student on nothing).
+
+    def _mask(self, feeds: dict[str, np.ndarray]) -> np.ndarray | None:
+        k = self.token_mask
+        return None if k is None or k not in feeds else feeds[k] != 0
+
+    def _real(self, v: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        m = self._mask(feeds)
+        return v[m] if m is not None and v.ndim >= 3 and v.shape[:2] == m.shape else v
+
+    def _mse(self, sv: torch.Tensor, tv: torch.Tensor, mask: np.ndarray | None) -> torch.Tensor:
+        if mask is not None and sv.dim() >= 3 and tuple(sv.shape[:2]) == mask.shape:
+            w = torch.from_numpy(mask.astype(np.float32)).reshape(mask.shape + (1,) * (sv.dim() - 2))
+            per = int(np.prod(sv.shape[2:]))
+            return (((sv - tv) ** 2) * w).sum() / max(float(w.sum()) * per, 1.0)
+        return ((sv - tv) ** 2).mean()
 
     def _logits(self, name: str, v: torch.Tensor) -> torch.Tensor:
         return torch.log(v.clamp_min(1e-12)) if name in self.prob_outputs else v
 
-    def output_loss(self, s: dict[str, torch.Tensor], t: dict[str, np.ndarray]) -> torch.Tensor:
+    def output_loss(self, s: dict[str, torch.Tensor], t: dict[str, np.ndarray],
+                    mask: np.ndarray | None = None) -> torch.Tensor:
         T = max(self.cfg.temperature, 1e-6)
         terms = []
         for o, kind in self.kinds.items():
@@ -351,16 +417,17 @@ class _Trainer:
                 terms.append(F.kl_div(ls.reshape(-1, ls.shape[-1]), lt.reshape(-1, lt.shape[-1]),
                                       log_target=True, reduction="batchmean") * T * T)
             else:
-                terms.append(((s[o] - tv) ** 2).mean() / self.norm[o])
+                terms.append(self._mse(s[o], tv, mask) / self.norm[o])
         return torch.stack(terms).mean()
 
-    def feature_loss(self, s: dict[str, torch.Tensor], t: dict[str, np.ndarray]) -> torch.Tensor:
+    def feature_loss(self, s: dict[str, torch.Tensor], t: dict[str, np.ndarray],
+                     mask: np.ndarray | None = None) -> torch.Tensor:
         terms = []
         for name, key in self.feat_keys.items():
             sv = s[name]
             if key in self.regressors:
                 sv = self.regressors[key](sv)
-            terms.append(((sv - torch.from_numpy(t[name])) ** 2).mean() / self.norm[name])
+            terms.append(self._mse(sv, torch.from_numpy(t[name]), mask) / self.norm[name])
         return torch.stack(terms).mean()
 
     # -- evaluation --------------------------------------------------------------------------------------
@@ -378,7 +445,7 @@ class _Trainer:
                 self._held_teacher[b] = {o: t[o] for o in self.kinds}
             t = self._held_teacher[b]
             s = self.run_student(feeds)
-            loss += float(self.output_loss(s, t)) * len(idx)
+            loss += float(self.output_loss(s, t, self._mask(feeds))) * len(idx)
             c = []
             for o in self.kinds:
                 a = s[o].reshape(len(idx), -1).double()
@@ -466,9 +533,10 @@ class _Trainer:
                 feeds, lam, perm = self.augment(feeds)
             t = self.run_teacher(feeds)
             s = self.run_student(feeds, self.features)
-            loss = self.output_loss(s, t)
+            mask = self._mask(feeds)
+            loss = self.output_loss(s, t, mask)
             if self.features:
-                loss = loss + cfg.feature_weight * self.feature_loss(s, t)
+                loss = loss + cfg.feature_weight * self.feature_loss(s, t, mask)
             if cfg.hard_weight > 0 and self.score is not None:
                 # Agreement is an argmax metric: a direct push on the teacher's top-1, at T=1.
                 y_t = torch.from_numpy(t[self.score].reshape(len(idx), -1).argmax(-1))
