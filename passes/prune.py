@@ -16,6 +16,8 @@
 4. With calibration data, refit every layer that lost inputs by least squares against the original
    model's outputs (onnxslim.prune.refit); ``--no-prune-refit`` turns it off. Layers with few rows per input
    get their ridge by cross-validation over the calibration samples (or keep the pruned weights).
+   On encoders (calibration with an attention mask) the MatMul/Gemm readers downstream of a refit layer are
+   refit too, to their original outputs (the stream they read has drifted).
 
 Graph inputs and outputs never change shape. The report (``report.extra["prune"]``) gives params, MACs,
 size and latency before/after, the refit errors, and per group the channels kept or why it was skipped.
