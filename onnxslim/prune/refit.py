@@ -366,7 +366,8 @@ def refit_layers(graph: gs.Graph, nodes: dict[int, gs.Node], an: Analysis, keep:
     for c in an.consumers:
         node = nodes[c.node]
         if keep_positions(c.ids, keep).all():
-            if drifted and (drifted is True or drifted(node)) and node.op in ("MatMul", "Gemm") and not (node.op == "Gemm" and int(node.attrs.get("transA", 0))):
+            plain = node.op == "MatMul" or (node.op == "Gemm" and not int(node.attrs.get("transA", 0)))
+            if drifted and (drifted is True or drifted(node)) and plain:
                 out_keep = keep_positions(c.out_ids, keep) if c.out_ids is not None else None
                 layer = _Layer(node, out_keep, fold=_Layer(node, out_keep))
                 if node.op == "MatMul":
