@@ -725,6 +725,16 @@ def compare_models(original: ModelProto | str | Path, optimized: ModelProto | st
     return res
 
 
+def token_mask_input(feeds: dict[str, np.ndarray]) -> str | None:
+    """The input marking an encoder's real tokens: 2-D, integer or bool, 0/1 with at least one 1, named like an
+    attention mask (``attention_mask``, ``input_mask``). Shared by the refit and distill, which skip padding."""
+    for name, v in feeds.items():
+        if "mask" in name.lower() and v.ndim == 2 and v.dtype.kind in "biu" and v.any() \
+                and np.isin(np.unique(v), (0, 1)).all():
+            return name
+    return None
+
+
 def _real_tokens(inputs: dict[str, np.ndarray], outs_a: list, outs_b: list) -> tuple[list, list]:
     """Lossy gates of encoders judge the tokens that exist: outputs [batch, sequence, ...] at padded positions
     (``attention_mask`` 0) are read by nothing (the mask hides them from attention, pooling skips them), and

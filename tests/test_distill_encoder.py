@@ -12,7 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from onnxslim.api import optimize  # noqa: E402
-from onnxslim.distill.train import DistillConfig, _token_mask_input, _Trainer  # noqa: E402
+from onnxslim.distill.train import DistillConfig, _Trainer  # noqa: E402
+from onnxslim.validate import token_mask_input  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BERT, CALIB = ROOT / "models" / "bert_tiny.onnx", ROOT / "models" / "bert_calib.npz"
@@ -28,9 +29,9 @@ def _setup(encoder: bool) -> tuple[_Trainer, dict[str, np.ndarray]]:
 
 def test_mask_input_is_found_by_name_and_values() -> None:
     d = np.load(CALIB)
-    assert _token_mask_input({k: d[k] for k in d.files}) == "attention_mask"
-    assert _token_mask_input({"attention_mask": np.full((2, 3), 2, np.int64)}) is None  # not 0/1
-    assert _token_mask_input({"x": np.zeros((2, 3, 8, 8), np.float32)}) is None
+    assert token_mask_input({k: d[k] for k in d.files}) == "attention_mask"
+    assert token_mask_input({"attention_mask": np.full((2, 3), 2, np.int64)}) is None  # not 0/1
+    assert token_mask_input({"x": np.zeros((2, 3, 8, 8), np.float32)}) is None
 
 
 @pytest.mark.parametrize("encoder", [True, False])

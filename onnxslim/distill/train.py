@@ -66,6 +66,7 @@ from onnx import ModelProto
 from onnxslim.distill.translate import OnnxModule, translate
 from onnxslim.model import session_source
 from onnxslim.runtime import make_session
+from onnxslim.validate import token_mask_input
 
 # Ops whose output name survives the lossless passes with the same meaning (see the module docstring).
 FEATURE_OPS = {"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Gelu", "Tanh",
@@ -114,15 +115,6 @@ class DistillConfig:
     # A token-mask input (``attention_mask``) marks an encoder: [batch, sequence, ...] tensors are matched at
     # the real tokens only, the features are the residual stream, the learning rate LR_ENCODER (False: as any)
     encoder: bool = True
-
-
-def _token_mask_input(inputs: dict[str, np.ndarray]) -> str | None:
-    """The name of a 2-D 0/1 integer input named like an attention mask (``attention_mask``, ``input_mask``)."""
-    for k, v in inputs.items():
-        if "mask" in k.lower() and v.ndim == 2 and v.dtype.kind in "biu" and v.any() \
-                and np.isin(np.unique(v), (0, 1)).all():
-            return k
-    return None
 
 
 @dataclass
@@ -262,13 +254,13 @@ class _Trainer:
         self.batch = max(1, min(cfg.batch, len(self.train_idx)))
         self.features = []
         if cfg.feature_weight > 0:  # a token-mask input: an encoder, whose blocks meet in the residual stream
-            stream = _stream_candidates(student, teacher) if cfg.encoder and _token_mask_input(inputs) else []
+            stream = _stream_candidates(student, teacher) if cfg.encoder and token_mask_input(inputs) else []
             self.features = stream or _feature_candidates(student, teacher)
         self.teacher, self.teacher_names = _teacher_session(teacher, self.features)
         self.teacher_inputs = [i.name for i in self.teacher.get_inputs()]
         self.notes: list[str] = []
         self.qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in student.graph.node)
-        encoder = cfg.encoder and _token_mask_input(self.inputs) is not None
+        encoder = cfg.encoder and token_mask_input(self.inputs) is not None
         self.lr = cfg.lr if cfg.lr is not None else (LR_QAT if self.qdq else LR_ENCODER if encoder else LR_FLOAT)
         self._held_teacher: dict[int, dict[str, np.ndarray]] = {}
         self._init_losses()
@@ -323,7 +315,7 @@ class _Trainer:
         cfg = self.cfg
         first = self.take(self.train_idx[:self.batch])
         t = self.run_teacher(first)
-        self.token_mask = _token_mask_input(self.inputs) if cfg.encoder else None
+        self.token_mask = token_mask_input(self.inputs) if cfg.encoder else None
         self.noise = {k: NOISE_REL * float(v[self.train_idx].std()) if cfg.augment else 0.0
                       for k, v in self.inputs.items() if v.dtype.kind == "f"}
         self.tokens, self.masks = [], {}

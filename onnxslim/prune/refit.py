@@ -50,6 +50,7 @@ from onnx import ModelProto
 from onnxslim.calibration import CalibrationData
 from onnxslim.graph import const_value, to_proto
 from onnxslim.prune.tracing import Analysis, keep_positions
+from onnxslim.validate import token_mask_input
 
 DEFAULT_RIDGE = 1e-2
 DEFAULT_MAX_ROWS = 40000
@@ -258,10 +259,8 @@ def token_mask(feeds: dict[str, np.ndarray]) -> np.ndarray | None:
     """[batch, sequence] bool of the real tokens, from a 2-D integer/bool input named like an attention mask
     (``attention_mask``, ``input_mask``): padding positions are rows that no real token reads (the mask hides
     them from attention and mean pooling skips them), so fitting them spends the refit on nothing."""
-    for name, v in feeds.items():
-        if "mask" in name.lower() and v.ndim == 2 and v.dtype.kind in "biu" and v.any():
-            return v != 0
-    return None
+    name = token_mask_input(feeds)
+    return None if name is None else feeds[name] != 0
 
 
 def _residual(layer: _Layer, graph: gs.Graph) -> tuple[str, str] | None:
@@ -340,6 +339,16 @@ def _write(layer: _Layer, mat: np.ndarray, bias: np.ndarray | None, tag: str) ->
 
 
 @one_blas_thread()
+def _consumer_layer(node: gs.Node, out_ids: np.ndarray | None, keep: np.ndarray, graph: gs.Graph,
+                    residual: bool) -> _Layer:
+    out_keep = keep_positions(out_ids, keep) if out_ids is not None else None
+    layer = _Layer(node, out_keep, fold=_Layer(node, out_keep))
+    if node.op == "MatMul":
+        layer.bias_add = _bias_add(node, graph)
+        layer.residual = _residual(layer, graph) if residual else None
+    return layer
+
+
 def refit_layers(graph: gs.Graph, nodes: dict[int, gs.Node], an: Analysis, keep: np.ndarray,
                  original: ModelProto, template: ModelProto, calib: CalibrationData, *, batch: int = 64,
                  ridge: float | None = None, max_rows: int = DEFAULT_MAX_ROWS, seed: int = 0,
@@ -368,11 +377,7 @@ def refit_layers(graph: gs.Graph, nodes: dict[int, gs.Node], an: Analysis, keep:
         if keep_positions(c.ids, keep).all():
             plain = node.op == "MatMul" or (node.op == "Gemm" and not int(node.attrs.get("transA", 0)))
             if drifted and (drifted is True or drifted(node)) and plain:
-                out_keep = keep_positions(c.out_ids, keep) if c.out_ids is not None else None
-                layer = _Layer(node, out_keep, fold=_Layer(node, out_keep))
-                if node.op == "MatMul":
-                    layer.bias_add = _bias_add(node, graph)
-                    layer.residual = _residual(layer, graph) if residual else None
+                layer = _consumer_layer(node, c.out_ids, keep, graph, residual)
                 layers.append(layer)
                 candidates.append(layer)
             continue
@@ -383,12 +388,7 @@ def refit_layers(graph: gs.Graph, nodes: dict[int, gs.Node], an: Analysis, keep:
         if node.op == "Gemm" and int(node.attrs.get("transA", 0)):
             fits.append(LayerFit(node.name, node.op, 0, 0, float("nan"), float("nan"), skipped="transA"))
             continue
-        out_keep = keep_positions(c.out_ids, keep) if c.out_ids is not None else None
-        layer = _Layer(node, out_keep, fold=_Layer(node, out_keep))
-        if node.op == "MatMul":
-            layer.bias_add = _bias_add(node, graph)
-            layer.residual = _residual(layer, graph) if residual else None
-        layers.append(layer)
+        layers.append(_consumer_layer(node, c.out_ids, keep, graph, residual))
     if not layers:
         return fits
 
