@@ -34,7 +34,7 @@ class DistillOptions:
         "min": 0.0})
     distill_batch: int = field(default=32, metadata={"help": "Batch size.", "min": 1})
     distill_seed: int = field(default=0, metadata={"help": "Seed: split, order, augmentation.", "min": 0})
-    distill_temperature: float = field(default=2.0, metadata={"help": "KD temperature on score outputs.",
+    distill_temperature: float = field(default=4.0, metadata={"help": "KD temperature on score outputs.",
                                                               "min": 0.0})
     distill_holdout: float = field(default=0.2, metadata={
         "help": "Fraction of --calib held out for early stopping and the report (at most 256 samples).",

@@ -316,7 +316,9 @@ def test_gate_judges_the_prune_distill_chain(tmp_path: Path) -> None:
     out = tmp_path / "d.onnx"
     _, report = optimize(str(MODELS / "digits_cnn.onnx"), out, passes="lossless,prune,distill", inputs=str(TEST),
                          max_acc_drop=4.5, options={"prune_ratio": 0.7, "calib": CALIB, "latency": False,
-                                                    "distill_steps": 150})
+                                                    # the default block is 16 on AVX-512 (32 -> 16 channels: prune
+                                                    # alone passes there); 8 makes the same cut on every CPU
+                                                    "round_to": 8, "distill_steps": 150})
     stages = {s["name"]: s for s in report.stages}
     base = stages["original"]["accuracy"]
     assert base - stages["prune"]["accuracy"] > 4.5  # prune alone would be refused
