@@ -1390,10 +1390,7 @@ def quantize_pass(model: ModelProto, ctx: Any, kind: str, options: Any) -> Quant
             ctx.warn(f"quantize-{kind}: dynamic INT8 Conv (ConvInteger) ran up to {slow:.1f}x slower than float; " + ("Conv kept in float. " if "Conv" in best.cfg.float_ops else "")
                      + "For Conv-heavy models use --passes quantize-static (calibrated QDQ)")
     timed = [c for c in search.tried if c.speed and not c.stopped_early]
-    speed_failure = speed_gate(f"quantize-{kind}", best.speed, gate.min_speedup) \
-        if gate.min_speedup is not None and best.speed else None
-    # A --min-speedup refusal already says INT8 is too slow; the warning would repeat it on a second line.
-    if best.speed and best.ratio is not None and best.ratio > 1.0 - NOISE / 2 and not speed_failure:
+    if best.speed and best.ratio is not None and best.ratio > 1.0 - NOISE / 2:
         fastest = min(timed, key=lambda c: c.ratio or float("inf"), default=best)
         ctx.warn(f"quantize-{kind}: INT8 is NOT FASTER than float on this CPU ({cpu_description()}): "
                  f"{speed_txt} ({best.cfg.label()}); fastest of {len(search.tried)} configuration(s) tried: "
@@ -1412,9 +1409,11 @@ def quantize_pass(model: ModelProto, ctx: Any, kind: str, options: Any) -> Quant
         broke = breaking_tensors(search)
         ctx.gate_failures.append(f"quantize-{kind}: {best.quality.reason} with {len(float_nodes)} node(s) in float"
                                  + (f"; worst quantized: {'; '.join(broke)}" if broke else ""))
-    if speed_failure:
-        ctx.gate_failures.append(f"{speed_failure} ({len(search.tried)} configuration(s) tried on {cpu_description()}; "
-                                 "--objective size keeps it for its size)")
+    if gate.min_speedup is not None and best.speed:
+        failure = speed_gate(f"quantize-{kind}", best.speed, gate.min_speedup)
+        if failure:
+            ctx.gate_failures.append(f"{failure} ({len(search.tried)} configuration(s) tried on {cpu_description()}; "
+                                     "--objective size keeps it for its size)")
     if gate.objective == "size" and size_x >= 1.0:
         ctx.gate_failures.append(f"quantize-{kind}: --objective size but the file is {size_x:.2f}x the float file")
 
