@@ -192,8 +192,10 @@ def test_cli_gate_failure_exit_1_one_line_no_file(tmp_path):
                         "--json", str(tmp_path / "r.json")],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 1
-    err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and "min-speedup" in err[0] and "nothing written" in err[0]
+    # One error line; where INT8 measures slower than float on this CPU, a "warning:" line with the timings
+    # of every configuration may come before it (CI's AVX2 machine printed one).
+    err = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("warning: ")]
+    assert len(err) == 1 and "min-speedup" in err[0] and "nothing written" in err[0], r.stderr
     assert not out.exists()
     rep = json.loads((tmp_path / "r.json").read_text())
     assert not rep["written"] and rep["extra"]["quantize"]["candidates"]  # timed before refusing

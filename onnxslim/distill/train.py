@@ -100,7 +100,7 @@ class DistillConfig:
     lr: float | None = None  # None: LR_FLOAT, or LR_QAT when the student has Q/DQ nodes
     batch: int = 32
     seed: int = 0
-    temperature: float = 4.0  # T=2 measured worse on the PP-OCR cls and the digits CNN (README, recipe rows 20-24)
+    temperature: float = 4.0  # T=2 measured worse on the PP-OCR cls and the digits CNN (README, recipe rows 20-25)
     holdout: float = 0.2
     loss: str = "auto"  # auto | kl | mse
     feature_weight: float = 0.5
