@@ -227,6 +227,10 @@ def quant_state(rep: Any) -> str:
     b1 = lat.get("batch1", {}).get("ratio")
     if b1:
         state += f", INT8/float b1 {b1:.2f}x"
+    # In a pipeline a stage that fails its own gate is undone: the written model is then its float input.
+    dropped = next((st["dropped"] for st in rep.stages if st.get("name") == "quantize-static" and "dropped" in st), None)
+    if dropped is not None:
+        state = f"dropped ({dropped}); measured: {state}"
     return state
 
 
